@@ -1,0 +1,53 @@
+# zeroscale developer targets. `make test` is what CI runs (see .ci/run).
+CARGO ?= cargo
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: build test unit lint fmt crds crds-check run bench e2e docker-build chart-test
+
+build:
+	$(CARGO) build --release
+
+## Everything CI checks: formatting, clippy, CRD drift, all tests.
+test: lint crds-check unit chart-test
+
+unit:
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --no-fail-fast
+else
+	$(CARGO) test --no-fail-fast
+endif
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Regenerate crds/ from the Rust types.
+crds:
+	$(CARGO) run --quiet -- crd > crds/function.yaml
+
+## Fail when crds/ is not what `zeroscale crd` prints.
+crds-check:
+	$(CARGO) run --quiet -- crd | diff -u crds/function.yaml - \
+		|| (echo "crds/function.yaml is stale: run 'make crds'" && exit 1)
+
+## The quick start: run the examples locally, no cluster needed.
+run:
+	$(CARGO) run -- dev -f examples/
+
+## Helm chart and kustomize checks (needs python3; .ci/run installs the packages).
+chart-test:
+	@if [ -d tests/packaging ]; then python3 -m pytest -q tests/packaging; fi
+
+## Benchmarks: data path, cold start, memory, autoscaler (see BENCHMARKS.md).
+bench:
+	@if [ -x bench/run.sh ]; then bench/run.sh; else echo "no benchmark harness yet"; fi
+
+## Real-cluster suite against the cluster in KUBECONFIG (skipped when none).
+e2e:
+	$(CARGO) test --test e2e_cluster -- --ignored --test-threads=1
+
+docker-build:
+	docker build -t zeroscale:dev .

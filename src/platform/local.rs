@@ -1,0 +1,1 @@
+//! The local-process platform of `zeroscale dev`: TODO(dev issue).

@@ -1,0 +1,124 @@
+//! The boundary between zeroscale's data plane / autoscaler and the place replicas run.
+//!
+//! The activator and the autoscaler need four things of a platform: the Functions, the
+//! ready endpoints of each Function, a way to wake a Function from zero, and a way to
+//! set its replica count. [`kube::KubePlatform`] provides them on a cluster (watches,
+//! the Deployment scale subresource); [`local::LocalPlatform`] provides them in
+//! `zeroscale dev` (processes on this machine). Neither caller knows which it runs on.
+
+pub mod kube;
+pub mod local;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::api::{Function, FunctionKey};
+
+/// A change to the set of Functions.
+#[derive(Debug, Clone)]
+pub enum FunctionEvent {
+    /// A Function was created or changed (status changes included).
+    Applied(Arc<Function>),
+    /// A Function was deleted.
+    Deleted(FunctionKey),
+    /// The complete set after a (re-)list: the truth, replacing everything known before.
+    Reset(Vec<Arc<Function>>),
+}
+
+/// A replica that can take requests.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// Where to send requests (pod IP and container port, or 127.0.0.1 and a local port).
+    pub addr: SocketAddr,
+    /// A stable name for logs and metrics (the pod name, or `<function>-<n>` locally).
+    pub name: String,
+}
+
+/// A change to the ready endpoints of Functions. Each event carries a full set.
+#[derive(Debug, Clone)]
+pub enum EndpointsEvent {
+    /// The ready endpoints of one Function, all of them (empty: none ready).
+    Updated(FunctionKey, Vec<Endpoint>),
+    /// Every Function's ready endpoints after a (re-)list; Functions absent have none.
+    Reset(Vec<(FunctionKey, Vec<Endpoint>)>),
+}
+
+/// The replica counts of a Function as the platform sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scale {
+    /// Replicas asked for (Deployment `spec.replicas`).
+    pub desired: u32,
+    /// Replicas that are ready.
+    pub ready: u32,
+    /// An opaque version for optimistic concurrency (the scale's `resourceVersion`).
+    pub version: Option<String>,
+}
+
+/// What a wake did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeOutcome {
+    /// Replicas went from zero to the requested count.
+    Woken,
+    /// The Function already had replicas asked for; nothing was changed.
+    AlreadyAwake,
+}
+
+/// Why a platform call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("function {0} not found")]
+    NotFound(FunctionKey),
+    #[error("scale of {0} changed concurrently")]
+    Conflict(FunctionKey),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] ::kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The platform a data plane and an autoscaler run against.
+#[async_trait]
+pub trait Platform: Send + Sync + 'static {
+    /// The Functions, starting with a [`FunctionEvent::Reset`] of all of them. The stream
+    /// never ends while the platform lives; it re-lists (another `Reset`) after a gap.
+    fn functions(&self) -> BoxStream<'static, FunctionEvent>;
+
+    /// The ready endpoints of every Function, starting with an [`EndpointsEvent::Reset`].
+    fn endpoints(&self) -> BoxStream<'static, EndpointsEvent>;
+
+    /// Wakes a Function at zero: sets its replicas to `replicas` only if they are 0 now,
+    /// with optimistic concurrency, so concurrent wakes from several activators and the
+    /// autoscaler never fight. Safe to call again (returns `AlreadyAwake`).
+    async fn wake(&self, key: &FunctionKey, replicas: u32) -> Result<WakeOutcome, PlatformError>;
+
+    /// The current replica counts of a Function.
+    async fn scale(&self, key: &FunctionKey) -> Result<Scale, PlatformError>;
+
+    /// Sets the replicas of a Function. With `expected_version`, fails with
+    /// [`PlatformError::Conflict`] when the scale changed since it was read. `reason` is
+    /// recorded (an Event on Kubernetes, a log line locally).
+    async fn set_scale(
+        &self,
+        key: &FunctionKey,
+        replicas: u32,
+        expected_version: Option<&str>,
+        reason: &str,
+    ) -> Result<(), PlatformError>;
+
+    /// Publishes what the autoscaler decided on the Function's status.
+    async fn publish_autoscaler_status(
+        &self,
+        key: &FunctionKey,
+        status: &AutoscalerStatus,
+    ) -> Result<(), PlatformError>;
+}
+
+/// The autoscaler's part of a Function's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscalerStatus {
+    pub desired_replicas: u32,
+    pub last_request_time: Option<jiff::Timestamp>,
+}
