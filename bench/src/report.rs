@@ -1,0 +1,283 @@
+//! The markdown report of a run and the goals it is judged against (from the issue):
+//! activator throughput at least nginx's and p99 no worse than nginx's at concurrency
+//! 64; at most 5 ms of zeroscale's own cold-start share; at most 2 KiB of activator
+//! memory per registered Function.
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{self, Run};
+use crate::run::Results;
+
+/// One goal and how the run did against it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Goal {
+    pub goal: String,
+    pub measured: String,
+    /// `None` when the run has no figure for it.
+    pub met: Option<bool>,
+    /// How far from the goal, signed so that positive is better than the goal.
+    pub margin: String,
+}
+
+const ORDER: [&str; 3] = ["direct", "zeroscale", "nginx"];
+
+fn order(name: &str) -> usize {
+    ORDER.iter().position(|n| *n == name).unwrap_or(ORDER.len())
+}
+
+/// The reported cell of every (target, concurrency), ordered by concurrency then target.
+pub fn cells(runs: &[Run]) -> Vec<Run> {
+    let mut cells = datapath::median_runs(runs);
+    cells.sort_by_key(|r| (r.concurrency, order(&r.target)));
+    cells
+}
+
+fn cell<'a>(cells: &'a [Run], target: &str, c: usize) -> Option<&'a Run> {
+    cells
+        .iter()
+        .find(|r| r.target == target && r.concurrency == c)
+}
+
+/// The best throughput of a target over every concurrency.
+pub fn max_throughput<'a>(cells: &'a [Run], target: &str) -> Option<&'a Run> {
+    cells
+        .iter()
+        .filter(|r| r.target == target)
+        .max_by(|a, b| a.result.rps.total_cmp(&b.result.rps))
+}
+
+fn pct(ours: f64, theirs: f64) -> String {
+    if theirs == 0.0 {
+        return "n/a".into();
+    }
+    format!("{:+.1}%", (ours / theirs - 1.0) * 100.0)
+}
+
+/// Judges the run against the goals.
+pub fn goals(results: &Results) -> Vec<Goal> {
+    let mut goals = Vec::new();
+    let cells = results
+        .data_path
+        .as_ref()
+        .map(|d| cells(&d.runs))
+        .unwrap_or_default();
+
+    let (zs, ng) = (
+        max_throughput(&cells, "zeroscale"),
+        max_throughput(&cells, "nginx"),
+    );
+    goals.push(match (zs, ng) {
+        (Some(z), Some(n)) => Goal {
+            goal: "activator max throughput >= nginx's".into(),
+            measured: format!(
+                "{:.0} req/s (c={}) vs nginx {:.0} req/s (c={})",
+                z.result.rps, z.concurrency, n.result.rps, n.concurrency
+            ),
+            met: Some(z.result.rps >= n.result.rps),
+            margin: pct(z.result.rps, n.result.rps),
+        },
+        _ => missing("activator max throughput >= nginx's"),
+    });
+
+    let (zs, ng) = (cell(&cells, "zeroscale", 64), cell(&cells, "nginx", 64));
+    goals.push(match (zs, ng) {
+        (Some(z), Some(n)) => Goal {
+            goal: "activator p99 <= nginx's at c=64".into(),
+            measured: format!(
+                "{:.0} us vs nginx {:.0} us",
+                z.result.latency.p99_us, n.result.latency.p99_us
+            ),
+            met: Some(z.result.latency.p99_us <= n.result.latency.p99_us),
+            // Lower is better: positive when zeroscale's p99 is below nginx's.
+            margin: pct(n.result.latency.p99_us, z.result.latency.p99_us),
+        },
+        _ => missing("activator p99 <= nginx's at c=64"),
+    });
+
+    goals.push(match &results.cold_start {
+        Some(cs) if cs.activator_share.samples > 0 => {
+            let a = &cs.activator_share;
+            Goal {
+                goal: "zeroscale's own cold-start share <= 5 ms (median)".into(),
+                measured: format!(
+                    "median {:.2} ms, p99 {:.2} ms (activator: arrival -> wake, ready -> forwarded)",
+                    a.median_ms, a.p99_ms
+                ),
+                met: Some(a.median_ms <= 5.0),
+                margin: format!("{:+.2} ms", 5.0 - a.median_ms),
+            }
+        }
+        _ => missing("zeroscale's own cold-start share <= 5 ms (median)"),
+    });
+
+    goals.push(
+        match results
+            .memory
+            .as_ref()
+            .and_then(|m| m.per_function_at(10_000))
+        {
+            Some(bytes) => Goal {
+                goal: "activator memory <= 2 KiB per registered Function (10,000)".into(),
+                measured: format!("{bytes:.0} B per Function (RSS delta / N)"),
+                met: Some(bytes <= 2048.0),
+                margin: format!("{:+.0} B", 2048.0 - bytes),
+            },
+            None => missing("activator memory <= 2 KiB per registered Function (10,000)"),
+        },
+    );
+    goals
+}
+
+fn missing(goal: &str) -> Goal {
+    Goal {
+        goal: goal.into(),
+        measured: "not measured (see notes)".into(),
+        met: None,
+        margin: "-".into(),
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The whole report.
+pub fn markdown(results: &Results) -> String {
+    let mut s = String::new();
+    let m = &results.machine;
+    let _ = writeln!(s, "## zeroscale benchmark results\n");
+    let _ = writeln!(
+        s,
+        "Machine: {} x {} ({} CPUs), {} GiB, Linux {}; {}; load average {} at start, {} at end. \
+         Commit {}, {}.\n",
+        m.nproc,
+        m.cpu_model,
+        m.nproc,
+        m.memory_gib,
+        m.kernel,
+        m.date,
+        m.loadavg_at_start,
+        m.loadavg_at_end,
+        m.commit,
+        m.rustc
+    );
+
+    if let Some(dp) = &results.data_path {
+        let cells = cells(&dp.runs);
+        let _ = writeln!(s, "### Warm data path\n");
+        if let Some(st) = &results.settings {
+            let _ = writeln!(
+                s,
+                "{} rounds of {} ms warm-up + {} ms measured per cell, median round shown. \
+                 Load generator: {}. Backend: {}.\n",
+                st.rounds, st.warmup_ms, st.duration_ms, dp.load_generator, dp.backend
+            );
+        }
+        let _ = writeln!(
+            s,
+            "| c | target | req/s | p50 us | p90 us | p99 us | proxy CPU us/req | backend CPU us/req | errors |"
+        );
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &cells {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+                r.concurrency,
+                r.target,
+                r.result.rps,
+                r.result.latency.p50_us,
+                r.result.latency.p90_us,
+                r.result.latency.p99_us,
+                opt(r.proxy_cpu_us_per_request(), 1),
+                opt(r.backend_cpu_us_per_request(), 1),
+                r.result.errors + r.result.non_2xx,
+            );
+        }
+        let _ = writeln!(s, "\n| target | max req/s (at c) | peak RSS | idle RSS |");
+        let _ = writeln!(s, "|---|---:|---:|---:|");
+        for t in &dp.targets {
+            let max = max_throughput(&cells, &t.name)
+                .map(|r| format!("{:.0} (c={})", r.result.rps, r.concurrency))
+                .unwrap_or_else(|| "-".into());
+            let kib = |list: &[(String, u64)]| {
+                list.iter()
+                    .find(|(n, _)| *n == t.name)
+                    .map(|(_, k)| format!("{:.1} MiB", *k as f64 / 1024.0))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                t.name,
+                max,
+                kib(&dp.peak_rss_kib),
+                kib(&dp.idle_rss_kib)
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    if let Some(cs) = &results.cold_start {
+        let _ = writeln!(s, "### Cold start ({} samples)\n", cs.ttfb.samples);
+        let _ = writeln!(s, "| part | median ms | p99 ms | min ms | max ms |");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for (name, sp) in [
+            ("time to first byte, total", &cs.ttfb),
+            ("activator: wake issued -> replica ready", &cs.wake_to_ready),
+            (
+                "zeroscale activator share (total - wake-to-ready)",
+                &cs.activator_share,
+            ),
+            (
+                "dev platform share (wake-to-ready - backend start)",
+                &cs.platform_share,
+            ),
+            ("backend's own start (exec -> port open)", &cs.backend_start),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                sp.median_ms, sp.p99_ms, sp.min_ms, sp.max_ms
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    if let Some(mem) = &results.memory {
+        s.push_str(&crate::memory::markdown(mem));
+    }
+
+    if let Some(traces) = &results.autoscaler {
+        s.push_str(&crate::autoscale::markdown(traces));
+    }
+
+    let _ = writeln!(s, "### Goals\n");
+    let _ = writeln!(s, "| goal | measured | met | margin |");
+    let _ = writeln!(s, "|---|---|---|---:|");
+    for g in goals(results) {
+        let met = match g.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "-",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            g.goal, g.measured, met, g.margin
+        );
+    }
+    if !results.notes.is_empty() {
+        let _ = writeln!(s, "\nNotes:\n");
+        for n in &results.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    if let Some(cs) = &results.cold_start {
+        for n in &cs.notes {
+            let _ = writeln!(s, "- cold start: {n}");
+        }
+    }
+    s
+}

@@ -1,0 +1,549 @@
+//! `zeroscale-bench run`: every benchmark in one go, each part a separate process, then
+//! the markdown table on stdout and the JSON results file.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::child::Proc;
+use crate::coldstart::{self, ColdStart};
+use crate::datapath::{self, LoadSettings, Target};
+use crate::error::{Context, Error, Result};
+use crate::machine::Machine;
+use crate::nginx::{self, Nginx};
+use crate::procfs;
+use crate::{autoscale, memory, report};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Where the JSON results go (the markdown goes to stdout).
+    #[arg(long, default_value = "bench/out/results.json")]
+    pub out: PathBuf,
+    /// The `zeroscale` binary (default: next to this one).
+    #[arg(long)]
+    pub zeroscale: Option<PathBuf>,
+    /// Warm-up of every load run, excluded from every figure.
+    #[arg(long, default_value_t = 1000)]
+    pub warmup_ms: u64,
+    /// Measured window of every load run.
+    #[arg(long, default_value_t = 4000)]
+    pub duration_ms: u64,
+    /// Rounds over all targets and concurrencies; each cell reports the median round.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Fixed concurrencies of the data-path table.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub concurrency: Vec<usize>,
+    /// Concurrency of the extra max-throughput run.
+    #[arg(long, default_value_t = 256)]
+    pub max_concurrency: usize,
+    /// Cold starts measured (one fresh Function each).
+    #[arg(long, default_value_t = 25)]
+    pub cold_samples: usize,
+    /// Parts to skip: data-path, cold-start, memory, autoscaler (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub skip: Vec<String>,
+}
+
+/// Everything a run measured; what `bench/out/results.json` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub command: String,
+    pub settings: Option<LoadSettings>,
+    pub data_path: Option<DataPath>,
+    pub cold_start: Option<ColdStart>,
+    pub memory: Option<memory::Memory>,
+    pub autoscaler: Option<Vec<autoscale::TraceResult>>,
+    /// The goals of the issue, judged on this run.
+    pub goals: Vec<report::Goal>,
+    /// Why a part is missing or what to keep in mind reading it.
+    pub notes: Vec<String>,
+    pub wall_clock_s: f64,
+}
+
+/// The warm data path results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DataPath {
+    pub load_generator: String,
+    pub backend: String,
+    pub targets: Vec<Target>,
+    /// Every load run, every round.
+    pub runs: Vec<datapath::Run>,
+    /// Per proxy, after all runs: peak RSS (VmHWM summed over its processes), KiB.
+    pub peak_rss_kib: Vec<(String, u64)>,
+    /// Per proxy, before the first run: RSS, KiB.
+    pub idle_rss_kib: Vec<(String, u64)>,
+    pub nginx_version: Option<String>,
+}
+
+pub fn main(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let bench_bin = std::env::current_exe().context("locating zeroscale-bench")?;
+    let zeroscale = match &args.zeroscale {
+        Some(p) => p.clone(),
+        None => bench_bin
+            .parent()
+            .map(|d| d.join("zeroscale"))
+            .context("locating zeroscale")?,
+    };
+    let out_dir = args
+        .out
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let work = out_dir.join("work");
+    // Logs and configs of the previous run would mix with this one's.
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).context(format!("creating {}", work.display()))?;
+    let work = std::fs::canonicalize(&work).context("resolving the work directory")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+
+    let mut results = Results {
+        machine: Machine::describe(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        ..Results::default()
+    };
+    let skip = |part: &str| args.skip.iter().any(|s| s == part);
+    let mut log = |line: &str| eprintln!("{line}");
+
+    if !skip("data-path") {
+        let settings = LoadSettings {
+            warmup_ms: args.warmup_ms,
+            duration_ms: args.duration_ms,
+            rounds: args.rounds,
+            concurrency: args.concurrency.clone(),
+            max_concurrency: args.max_concurrency,
+            host: "bench.default".into(),
+        };
+        log(&format!(
+            "data path: 3 targets, about {:?} of load",
+            datapath::expected_duration(&settings, 3)
+        ));
+        match data_path(&runtime, &bench_bin, &zeroscale, &work, &settings, &mut log) {
+            Ok((dp, notes)) => {
+                results.data_path = Some(dp);
+                results.notes.extend(notes);
+            }
+            Err(e) => {
+                log(&format!("data path failed: {e}"));
+                results.notes.push(format!("data path: {e}"));
+            }
+        }
+        results.settings = Some(settings);
+    }
+
+    if !skip("cold-start") {
+        log(&format!("cold start: {} samples", args.cold_samples));
+        match cold_start(&runtime, &bench_bin, &zeroscale, &work, args.cold_samples) {
+            Ok(cs) => results.cold_start = Some(cs),
+            Err(e) => {
+                log(&format!("cold start failed: {e}"));
+                results.notes.push(format!("cold start: {e}"));
+            }
+        }
+    }
+
+    if !skip("memory") {
+        log("memory: activator with 0, 1, 1000, 10000 Functions");
+        match memory::measure_all(&bench_bin) {
+            Ok(m) => results.memory = Some(m),
+            Err(e) => {
+                log(&format!("memory failed: {e}"));
+                results.notes.push(format!("memory: {e}"));
+            }
+        }
+    }
+
+    if !skip("autoscaler") {
+        match autoscale::run_standard_traces() {
+            Ok(t) => results.autoscaler = Some(t),
+            Err(e) => {
+                log(&format!("autoscaler failed: {e}"));
+                results.notes.push(format!("autoscaler: {e}"));
+            }
+        }
+    }
+
+    results.machine.loadavg_at_end = crate::machine::loadavg();
+    results.wall_clock_s = started.elapsed().as_secs_f64();
+    results.goals = report::goals(&results);
+    let json = serde_json::to_string_pretty(&results).context("encoding the results")?;
+    std::fs::write(&args.out, json).context(format!("writing {}", args.out.display()))?;
+    print!("{}", report::markdown(&results));
+    eprintln!(
+        "wrote {} ({:.0} s)",
+        args.out.display(),
+        results.wall_clock_s
+    );
+    Ok(())
+}
+
+/// A free loopback port (bound then released; the race with other processes is
+/// harmless on a machine that is not handing out ports in a tight loop).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr().context("reading a bound port")?.port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A Function whose replicas are the bench backend.
+pub fn function_manifest(name: &str, bench_bin: &Path, min: u32, max: u32, idle: &str) -> String {
+    format!(
+        r#"apiVersion: zeroscale.dev/v1alpha1
+kind: Function
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  template:
+    spec:
+      containers:
+        - name: app
+          image: zeroscale-bench:local
+          command: ["{bin}", "backend", "--port", "$(PORT)"]
+          env:
+            - {{name: PORT, value: "8080"}}
+          ports:
+            - containerPort: 8080
+  scale:
+    min: {min}
+    max: {max}
+    initial: 1
+    idleTimeout: {idle}
+"#,
+        bin = bench_bin.display()
+    )
+}
+
+/// A running `zeroscale dev`.
+struct Dev {
+    proc: Proc,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Dev {
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        zeroscale: &Path,
+        dir: &Path,
+        manifests: &str,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).context(format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("functions.yaml"), manifests).context("writing manifests")?;
+        let listen = loopback(free_port()?);
+        let admin = loopback(free_port()?);
+        let mut cmd = Command::new(zeroscale);
+        cmd.arg("dev")
+            .arg("-f")
+            .arg(dir.join("functions.yaml"))
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--admin-listen")
+            .arg(admin.to_string());
+        let mut proc = Proc::spawn(
+            "zeroscale dev",
+            cmd,
+            &dir.join("dev.log"),
+            Duration::from_secs(15),
+        )?;
+        let ready = runtime.block_on(crate::http::wait_for_status(
+            admin,
+            "localhost",
+            "/readyz",
+            StatusCode::OK,
+            Duration::from_secs(20),
+        ));
+        if let Err(e) = ready {
+            proc.check_running()?;
+            return Err(e);
+        }
+        Ok(Self {
+            proc,
+            listen,
+            admin,
+        })
+    }
+
+    fn admin_get(&self, runtime: &tokio::runtime::Runtime, path: &str) -> Result<String> {
+        let a = runtime.block_on(crate::http::get(
+            self.admin,
+            "localhost",
+            path,
+            Duration::from_secs(10),
+        ))?;
+        if !a.status.is_success() {
+            return Err(Error::msg(format!("admin {path} answered {}", a.status)));
+        }
+        Ok(String::from_utf8_lossy(&a.body).into_owned())
+    }
+
+    /// The pid and port of the one running replica of `function`.
+    fn replica(&self, runtime: &tokio::runtime::Runtime, function: &str) -> Result<(u32, u16)> {
+        let body = self.admin_get(runtime, "/functions")?;
+        let view: serde_json::Value = serde_json::from_str(&body).context("parsing /functions")?;
+        let f = view
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["name"] == function))
+            .context(format!("{function} missing from /functions"))?;
+        let running: Vec<(u32, u16)> = f["processes"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| {
+                        Some((
+                            u32::try_from(p["pid"].as_u64()?).ok()?,
+                            u16::try_from(p["port"].as_u64()?).ok()?,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        match running.as_slice() {
+            [one] => Ok(*one),
+            other => Err(Error::msg(format!(
+                "expected one replica of {function}, found {}",
+                other.len()
+            ))),
+        }
+    }
+}
+
+fn data_path(
+    runtime: &tokio::runtime::Runtime,
+    bench_bin: &Path,
+    zeroscale: &Path,
+    work: &Path,
+    settings: &LoadSettings,
+    log: &mut dyn FnMut(&str),
+) -> Result<(DataPath, Vec<String>)> {
+    let mut notes = Vec::new();
+    // One replica, never more and never zero, so the activator forwards to exactly the
+    // one backend nginx and the direct runs use, and the autoscaler adds no processes.
+    let dev = start_bench_function(runtime, bench_bin, zeroscale, work, &settings.host);
+    let mut own_backend = None;
+    let (dev, backend_pid, backend) = match dev {
+        Ok((dev, pid, port)) => {
+            log(&format!(
+                "  backend: pid {pid} on port {port} (dev's replica of Function bench)"
+            ));
+            (Some(dev), pid, loopback(port))
+        }
+        Err(e) => {
+            log(&format!("  zeroscale dev unavailable: {e}"));
+            notes.push(format!(
+                "zeroscale dev was unavailable ({e}): its rows are missing and the backend ran \
+                 on its own"
+            ));
+            let port = free_port()?;
+            let mut cmd = Command::new(bench_bin);
+            cmd.arg("backend").arg("--port").arg(port.to_string());
+            let p = Proc::spawn(
+                "backend",
+                cmd,
+                &work.join("backend.log"),
+                Duration::from_secs(2),
+            )?;
+            let pid = p.pid();
+            own_backend = Some(p);
+            runtime.block_on(crate::http::wait_for_status(
+                loopback(port),
+                &settings.host,
+                "/",
+                StatusCode::OK,
+                Duration::from_secs(10),
+            ))?;
+            (None, pid, loopback(port))
+        }
+    };
+
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let nginx_bin = nginx::binary();
+    let nginx = match &nginx_bin {
+        Some(bin) => {
+            let listen = loopback(free_port()?);
+            let mut n = Nginx::start(bin, &work.join("nginx"), listen, backend, workers)?;
+            if let Err(e) = runtime.block_on(crate::http::wait_for_status(
+                listen,
+                &settings.host,
+                "/",
+                StatusCode::OK,
+                Duration::from_secs(10),
+            )) {
+                n.proc.check_running()?;
+                return Err(e);
+            }
+            Some(n)
+        }
+        None => {
+            notes.push(
+                "nginx is not installed: its rows are missing (make bench installs it)".into(),
+            );
+            None
+        }
+    };
+
+    let mut targets = vec![Target {
+        name: "direct".into(),
+        addr: backend,
+        description: "client straight to the backend".into(),
+        pids: vec![],
+    }];
+    if let Some(dev) = &dev {
+        targets.push(Target {
+            name: "zeroscale".into(),
+            addr: dev.listen,
+            description: "through the activator of `zeroscale dev` (a separate process)".into(),
+            pids: vec![dev.proc.pid()],
+        });
+    }
+    if let Some(n) = &nginx {
+        targets.push(Target {
+            name: "nginx".into(),
+            addr: n.listen,
+            description: format!(
+                "through {} as a keep-alive reverse proxy, {workers} workers",
+                n.version
+            ),
+            pids: n.pids(),
+        });
+    }
+    let rss = |pids: &[u32]| -> u64 { procfs::Sample::take(pids).map(|s| s.rss_kib).unwrap_or(0) };
+    let idle_rss_kib = targets
+        .iter()
+        .filter(|t| !t.pids.is_empty())
+        .map(|t| (t.name.clone(), rss(&t.pids)))
+        .collect();
+
+    let runs = datapath::measure(bench_bin, &targets, backend_pid, settings, log)?;
+
+    let peak_rss_kib = targets
+        .iter()
+        .filter(|t| !t.pids.is_empty())
+        .map(|t| {
+            let hwm = procfs::Sample::take(&t.pids)
+                .map(|s| s.hwm_kib)
+                .unwrap_or(0);
+            (t.name.clone(), hwm)
+        })
+        .collect();
+    if nginx.is_some() {
+        notes.push(
+            "nginx's memory is the sum over its master and worker processes, which counts the \
+             pages they share more than once"
+                .into(),
+        );
+    }
+    let dp = DataPath {
+        load_generator: "zeroscale-bench load: a hyper HTTP/1.1 client, keep-alive, closed loop, \
+                         HDR histogram (separate process)"
+            .into(),
+        backend: format!(
+            "zeroscale-bench backend: hyper HTTP/1.1, {} byte body; one process, dev's replica",
+            crate::backend::BODY.len()
+        ),
+        targets,
+        runs,
+        peak_rss_kib,
+        idle_rss_kib,
+        nginx_version: nginx.as_ref().map(|n| n.version.clone()),
+    };
+    drop(nginx);
+    drop(dev);
+    drop(own_backend);
+    Ok((dp, notes))
+}
+
+/// Starts dev with the `bench` Function and returns it with its replica's pid and port.
+fn start_bench_function(
+    runtime: &tokio::runtime::Runtime,
+    bench_bin: &Path,
+    zeroscale: &Path,
+    work: &Path,
+    host: &str,
+) -> Result<(Dev, u32, u16)> {
+    let dev = Dev::start(
+        runtime,
+        zeroscale,
+        &work.join("dev-datapath"),
+        &function_manifest("bench", bench_bin, 1, 1, "1h"),
+    )
+    .context("starting zeroscale dev")?;
+    runtime
+        .block_on(crate::http::wait_for_status(
+            dev.listen,
+            host,
+            "/",
+            StatusCode::OK,
+            Duration::from_secs(30),
+        ))
+        .context("waiting for the bench Function through the activator")?;
+    let (pid, port) = dev.replica(runtime, "bench")?;
+    Ok((dev, pid, port))
+}
+
+fn cold_start(
+    runtime: &tokio::runtime::Runtime,
+    bench_bin: &Path,
+    zeroscale: &Path,
+    work: &Path,
+    samples: usize,
+) -> Result<ColdStart> {
+    let samples = samples.max(1);
+    let backend_ms = coldstart::backend_start_times(bench_bin, samples)?;
+    let dev = Dev::start(
+        runtime,
+        zeroscale,
+        &work.join("dev-coldstart"),
+        &coldstart::manifests(bench_bin, samples),
+    )
+    .context("starting zeroscale dev")?;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let function = coldstart::name(i);
+        let host = format!("{function}.default");
+        let answer = runtime.block_on(crate::http::get(
+            dev.listen,
+            &host,
+            "/",
+            Duration::from_secs(60),
+        ))?;
+        let cold_header = answer
+            .headers
+            .get(zeroscale::api::COLD_START_HEADER)
+            .is_some_and(|v| v == "true");
+        let metrics = dev.admin_get(runtime, "/metrics")?;
+        out.push(coldstart::Sample {
+            function: function.clone(),
+            status: answer.status.as_u16(),
+            cold_header,
+            ttfb_ms: answer.ttfb.as_secs_f64() * 1e3,
+            wake_to_ready_ms: coldstart::wake_to_ready_ms(&metrics, &function),
+        });
+        // Let the new replica's start-up settle before the next wake.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(dev);
+    coldstart::check(&out)?;
+    Ok(coldstart::summarize(
+        out,
+        &backend_ms,
+        vec![
+            "one fresh Function per sample, so each is a wake from zero with no idle-timeout wait"
+                .into(),
+        ],
+    ))
+}
