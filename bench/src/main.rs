@@ -42,6 +42,8 @@ enum Command {
     Memory(memory::Args),
     /// Run every benchmark, print the markdown table and write the JSON results.
     Run(run::Args),
+    /// Render the markdown of a JSON results file again (or put it into BENCHMARKS.md).
+    Report(report::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::main(args),
         Command::Memory(args) => memory::main(args),
         Command::Run(args) => run::main(args),
+        Command::Report(args) => report::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

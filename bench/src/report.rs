@@ -4,11 +4,52 @@
 //! memory per registered Function.
 
 use std::fmt::Write;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{self, Run};
+use crate::error::{Context, Error, Result};
 use crate::run::Results;
+
+/// The markers in BENCHMARKS.md between which `report --update` puts the figures.
+const BEGIN: &str = "<!-- bench:results:begin -->";
+const END: &str = "<!-- bench:results:end -->";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The JSON results of a run.
+    #[arg(long, default_value = "bench/out/results.json")]
+    pub from: PathBuf,
+    /// Put the report between the result markers of this file (BENCHMARKS.md) instead
+    /// of printing it.
+    #[arg(long)]
+    pub update: Option<PathBuf>,
+}
+
+/// Renders a results file again, to stdout or into BENCHMARKS.md.
+pub fn main(args: Args) -> Result<()> {
+    let json =
+        std::fs::read_to_string(&args.from).context(format!("reading {}", args.from.display()))?;
+    let results: Results =
+        serde_json::from_str(&json).context(format!("parsing {}", args.from.display()))?;
+    let report = markdown(&results);
+    let Some(doc) = args.update else {
+        print!("{report}");
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&doc).context(format!("reading {}", doc.display()))?;
+    let (head, rest) = text
+        .split_once(BEGIN)
+        .context(format!("{} has no {BEGIN} marker", doc.display()))?;
+    let (_, tail) = rest
+        .split_once(END)
+        .ok_or_else(|| Error::msg(format!("{} has no {END} marker", doc.display())))?;
+    let updated = format!("{head}{BEGIN}\n{report}{END}{tail}");
+    std::fs::write(&doc, updated).context(format!("writing {}", doc.display()))?;
+    eprintln!("updated {}", doc.display());
+    Ok(())
+}
 
 /// One goal and how the run did against it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,9 +191,8 @@ pub fn markdown(results: &Results) -> String {
     let _ = writeln!(s, "## zeroscale benchmark results\n");
     let _ = writeln!(
         s,
-        "Machine: {} x {} ({} CPUs), {} GiB, Linux {}; {}; load average {} at start, {} at end. \
+        "Machine: {}, {} CPUs, {} GiB, Linux {}; {}; load average {} at start, {} at end. \
          Commit {}, {}.\n",
-        m.nproc,
         m.cpu_model,
         m.nproc,
         m.memory_gib,
