@@ -192,3 +192,48 @@ pub fn check(samples: &[Sample]) -> Result<()> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_uses_nearest_rank() {
+        let v: Vec<f64> = (1..=25).map(f64::from).collect();
+        let s = Spread::of(&v);
+        assert_eq!(s.samples, 25);
+        assert_eq!(s.median_ms, 13.0);
+        // With 25 samples the 99th percentile is the largest one.
+        assert_eq!(s.p99_ms, 25.0);
+        assert_eq!(s.min_ms, 1.0);
+        assert_eq!(Spread::of(&[]).samples, 0);
+    }
+
+    #[test]
+    fn reads_one_functions_wake_to_ready_sum() {
+        let metrics = "\
+zeroscale_activator_wake_to_ready_seconds_bucket{function=\"cold-001\",namespace=\"default\",le=\"0.1\"} 1
+zeroscale_activator_wake_to_ready_seconds_sum{function=\"cold-000\",namespace=\"default\"} 0.5
+zeroscale_activator_wake_to_ready_seconds_sum{function=\"cold-001\",namespace=\"default\"} 0.0125
+";
+        assert_eq!(wake_to_ready_ms(metrics, "cold-001"), Some(12.5));
+        assert_eq!(wake_to_ready_ms(metrics, "cold-00"), None);
+        assert_eq!(wake_to_ready_ms(metrics, "cold-002"), None);
+    }
+
+    #[test]
+    fn splits_each_sample_into_shares() {
+        let sample = |ttfb, w2r| Sample {
+            function: "f".into(),
+            status: 200,
+            cold_header: true,
+            ttfb_ms: ttfb,
+            wake_to_ready_ms: Some(w2r),
+        };
+        let cs = summarize(vec![sample(60.0, 58.0), sample(10.0, 9.0)], &[3.0], vec![]);
+        assert_eq!(cs.activator_share.min_ms, 1.0);
+        assert_eq!(cs.activator_share.max_ms, 2.0);
+        assert_eq!(cs.platform_share.max_ms, 55.0);
+        assert!(cs.notes.is_empty());
+    }
+}

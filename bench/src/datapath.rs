@@ -182,3 +182,39 @@ pub fn expected_duration(settings: &LoadSettings, targets: usize) -> Duration {
     let per_run = Duration::from_millis(settings.warmup_ms + settings.duration_ms + 150);
     per_run * (levels * targets * settings.rounds.max(1)) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(target: &str, c: usize, round: usize, rps: f64) -> Run {
+        Run {
+            target: target.into(),
+            concurrency: c,
+            round,
+            result: LoadResult {
+                rps,
+                ..LoadResult::default()
+            },
+            backend_cpu_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn reports_the_median_round_of_each_cell() {
+        let runs = vec![
+            run("nginx", 1, 0, 10.0),
+            run("zeroscale", 1, 0, 5.0),
+            run("nginx", 1, 1, 30.0),
+            run("zeroscale", 1, 1, 7.0),
+            run("nginx", 1, 2, 20.0),
+            run("zeroscale", 1, 2, 6.0),
+        ];
+        let cells = median_runs(&runs);
+        assert_eq!(cells.len(), 2);
+        let nginx = cells.iter().find(|r| r.target == "nginx").unwrap();
+        assert_eq!((nginx.round, nginx.result.rps), (2, 20.0));
+        let zs = cells.iter().find(|r| r.target == "zeroscale").unwrap();
+        assert_eq!((zs.round, zs.result.rps), (2, 6.0));
+    }
+}

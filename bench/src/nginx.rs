@@ -118,3 +118,29 @@ impl Nginx {
         pids
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_keep_alive_proxy() {
+        let conf = render(
+            Path::new("/tmp/x"),
+            "127.0.0.1:1000".parse().unwrap(),
+            "127.0.0.1:2000".parse().unwrap(),
+            2,
+        );
+        assert!(!conf.contains('@'), "placeholder left in:\n{conf}");
+        for needed in [
+            "worker_processes 2;",
+            "server 127.0.0.1:2000;",
+            "listen 127.0.0.1:1000",
+            "proxy_http_version 1.1;",
+            "proxy_set_header Connection \"\";",
+            "keepalive 256;",
+        ] {
+            assert!(conf.contains(needed), "{needed} missing");
+        }
+    }
+}

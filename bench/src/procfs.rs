@@ -106,3 +106,23 @@ impl Sample {
         later.cpu_ticks.saturating_sub(self.cpu_ticks) as f64 / ticks_per_second() as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        // Burn a little CPU so the counters have something to show.
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_add(std::hint::black_box(i));
+        }
+        std::hint::black_box(x);
+        assert!(cpu_ticks(me).is_ok());
+        assert!(status_kib(me, "VmRSS").unwrap() > 0);
+        assert!(status_kib(me, "VmHWM").unwrap() >= status_kib(me, "VmRSS").unwrap() / 2);
+        assert!(status_kib(me, "NoSuchKey").is_err());
+    }
+}
