@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# `make bench`: installs nginx if missing, builds the release binaries, runs every
+# `make bench`: installs nginx (and wrk, for a cross-check) if missing, builds the release binaries, runs every
 # benchmark (zeroscale-bench run) and leaves the markdown in bench/out/results.md and
 # the JSON in bench/out/results.json. Extra arguments go to `zeroscale-bench run`
 # (e.g. bench/run.sh --rounds 1 --skip cold-start). See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
-  echo "bench: installing nginx (the reference proxy)" >&2
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v wrk >/dev/null || missing+=(wrk)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bench: installing ${missing[*]} (reference proxy, cross-check load generator)" >&2
   # The package would start a system nginx on port 80; the bench runs its own. A
   # policy-rc.d that refuses service starts is the Debian way to say so; ours is
   # removed again unless one was there before.
@@ -18,7 +21,7 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
     own_policy=1
   fi
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 

@@ -5,14 +5,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct TraceResult {}
+pub struct Autoscaler {}
 
-pub fn run_standard_traces() -> Result<Vec<TraceResult>> {
+pub fn run_standard_traces() -> Result<Autoscaler> {
     Err(Error::msg(
         "the autoscaler's simulate module has not landed yet",
     ))
 }
 
-pub fn markdown(_t: &[TraceResult]) -> String {
+pub fn markdown(_a: &Autoscaler) -> String {
     String::new()
 }

@@ -19,6 +19,7 @@ mod nginx;
 mod procfs;
 mod report;
 mod run;
+mod wrk;
 
 use std::process::ExitCode;
 

@@ -257,6 +257,35 @@ pub fn markdown(results: &Results) -> String {
             );
         }
         let _ = writeln!(s);
+        if !dp.wrk.is_empty() {
+            let _ = writeln!(
+                s,
+                "Cross-check with {} (one {} s run per cell after a 1 s warm-up, {} threads):\n",
+                dp.wrk_version.as_deref().unwrap_or("wrk"),
+                dp.wrk[0].duration_s,
+                dp.wrk[0].threads
+            );
+            let _ = writeln!(
+                s,
+                "| c | target | req/s | p50 us | p90 us | p99 us | proxy CPU us/req | errors |"
+            );
+            let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|");
+            for w in &dp.wrk {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                    w.concurrency,
+                    w.target,
+                    w.rps,
+                    opt(w.p50_us, 0),
+                    opt(w.p90_us, 0),
+                    opt(w.p99_us, 0),
+                    opt(w.proxy_cpu_us_per_request, 1),
+                    w.errors
+                );
+            }
+            let _ = writeln!(s);
+        }
     }
 
     if let Some(cs) = &results.cold_start {
@@ -289,8 +318,8 @@ pub fn markdown(results: &Results) -> String {
         s.push_str(&crate::memory::markdown(mem));
     }
 
-    if let Some(traces) = &results.autoscaler {
-        s.push_str(&crate::autoscale::markdown(traces));
+    if let Some(a) = &results.autoscaler {
+        s.push_str(&crate::autoscale::markdown(a));
     }
 
     let _ = writeln!(s, "### Goals\n");

@@ -58,7 +58,7 @@ pub struct Results {
     pub data_path: Option<DataPath>,
     pub cold_start: Option<ColdStart>,
     pub memory: Option<memory::Memory>,
-    pub autoscaler: Option<Vec<autoscale::TraceResult>>,
+    pub autoscaler: Option<autoscale::Autoscaler>,
     /// The goals of the issue, judged on this run.
     pub goals: Vec<report::Goal>,
     /// Why a part is missing or what to keep in mind reading it.
@@ -79,6 +79,9 @@ pub struct DataPath {
     /// Per proxy, before the first run: RSS, KiB.
     pub idle_rss_kib: Vec<(String, u64)>,
     pub nginx_version: Option<String>,
+    /// The second opinion of wrk at the high concurrencies, when it is installed.
+    pub wrk: Vec<crate::wrk::WrkRun>,
+    pub wrk_version: Option<String>,
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -430,6 +433,25 @@ fn data_path(
 
     let runs = datapath::measure(bench_bin, &targets, backend_pid, settings, log)?;
 
+    let (wrk, wrk_version) = match crate::wrk::binary() {
+        Some(bin) => {
+            let mut levels = vec![64, settings.max_concurrency];
+            levels.dedup();
+            let duration_s = (settings.duration_ms / 1000).max(1);
+            match crate::wrk::measure(&bin, &targets, &settings.host, &levels, duration_s, log) {
+                Ok(w) => (w, Some(crate::wrk::version(&bin))),
+                Err(e) => {
+                    notes.push(format!("wrk cross-check failed: {e}"));
+                    (Vec::new(), None)
+                }
+            }
+        }
+        None => {
+            notes.push("wrk is not installed: no cross-check (make bench installs it)".into());
+            (Vec::new(), None)
+        }
+    };
+
     let peak_rss_kib = targets
         .iter()
         .filter(|t| !t.pids.is_empty())
@@ -460,6 +482,8 @@ fn data_path(
         peak_rss_kib,
         idle_rss_kib,
         nginx_version: nginx.as_ref().map(|n| n.version.clone()),
+        wrk,
+        wrk_version,
     };
     drop(nginx);
     drop(dev);
