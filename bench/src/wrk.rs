@@ -50,7 +50,9 @@ pub fn version(bin: &PathBuf) -> String {
         .ok()
         .and_then(|o| {
             let text = String::from_utf8_lossy(&o.stdout).to_string();
-            text.lines().next().map(|l| l.trim().to_string())
+            // "wrk debian/4.1.0-3+b2 [epoll] Copyright ...": keep the name and version.
+            let words: Vec<&str> = text.split_whitespace().take(2).collect();
+            (!words.is_empty()).then(|| words.join(" "))
         })
         .unwrap_or_else(|| "wrk".into())
 }
