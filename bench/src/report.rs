@@ -314,6 +314,29 @@ pub fn markdown(results: &Results) -> String {
         let _ = writeln!(s);
     }
 
+    if let Some(cs) = &results.cold_start_cycled {
+        let _ = writeln!(
+            s,
+            "One Function cycling through zero ({} samples; the activator served it before and \
+             its old replica is gone):\n",
+            cs.ttfb.samples
+        );
+        let _ = writeln!(s, "| part | median ms | p99 ms | min ms | max ms |");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for (name, sp) in [
+            ("time to first byte, total", &cs.ttfb),
+            ("activator: wake issued -> replica ready", &cs.wake_to_ready),
+            ("zeroscale activator share", &cs.activator_share),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                sp.median_ms, sp.p99_ms, sp.min_ms, sp.max_ms
+            );
+        }
+        let _ = writeln!(s);
+    }
+
     if let Some(mem) = &results.memory {
         s.push_str(&crate::memory::markdown(mem));
     }
@@ -337,15 +360,17 @@ pub fn markdown(results: &Results) -> String {
             g.goal, g.measured, met, g.margin
         );
     }
-    if !results.notes.is_empty() {
-        let _ = writeln!(s, "\nNotes:\n");
-        for n in &results.notes {
-            let _ = writeln!(s, "- {n}");
-        }
+    let mut notes: Vec<String> = results.notes.clone();
+    for cs in [&results.cold_start, &results.cold_start_cycled]
+        .into_iter()
+        .flatten()
+    {
+        notes.extend(cs.notes.iter().map(|n| format!("cold start: {n}")));
     }
-    if let Some(cs) = &results.cold_start {
-        for n in &cs.notes {
-            let _ = writeln!(s, "- cold start: {n}");
+    if !notes.is_empty() {
+        let _ = writeln!(s, "\nNotes:\n");
+        for n in &notes {
+            let _ = writeln!(s, "- {n}");
         }
     }
     s

@@ -44,6 +44,10 @@ pub struct Args {
     /// Cold starts measured (one fresh Function each).
     #[arg(long, default_value_t = 25)]
     pub cold_samples: usize,
+    /// Cold starts of one Function that goes back to zero between samples (a few seconds
+    /// each: idle timeout, autoscaler tick, replica stop).
+    #[arg(long, default_value_t = 5)]
+    pub cycled_samples: usize,
     /// Parts to skip: data-path, cold-start, memory, autoscaler (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
@@ -57,6 +61,8 @@ pub struct Results {
     pub settings: Option<LoadSettings>,
     pub data_path: Option<DataPath>,
     pub cold_start: Option<ColdStart>,
+    /// Cold starts of one Function that the autoscaler takes back to zero each time.
+    pub cold_start_cycled: Option<ColdStart>,
     pub memory: Option<memory::Memory>,
     pub autoscaler: Option<autoscale::Autoscaler>,
     /// The goals of the issue, judged on this run.
@@ -144,9 +150,22 @@ pub fn main(args: Args) -> Result<()> {
     }
 
     if !skip("cold-start") {
-        log(&format!("cold start: {} samples", args.cold_samples));
-        match cold_start(&runtime, &bench_bin, &zeroscale, &work, args.cold_samples) {
-            Ok(cs) => results.cold_start = Some(cs),
+        log(&format!(
+            "cold start: {} fresh Functions, {} cycles of one",
+            args.cold_samples, args.cycled_samples
+        ));
+        match cold_start(
+            &runtime,
+            &bench_bin,
+            &zeroscale,
+            &work,
+            args.cold_samples,
+            args.cycled_samples,
+        ) {
+            Ok((fresh, cycled)) => {
+                results.cold_start = Some(fresh);
+                results.cold_start_cycled = cycled;
+            }
             Err(e) => {
                 log(&format!("cold start failed: {e}"));
                 results.notes.push(format!("cold start: {e}"));
@@ -290,6 +309,36 @@ impl Dev {
             return Err(Error::msg(format!("admin {path} answered {}", a.status)));
         }
         Ok(String::from_utf8_lossy(&a.body).into_owned())
+    }
+
+    /// Waits until `function` has no replica process left (scaled to zero and stopped).
+    fn wait_for_zero(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        function: &str,
+        limit: Duration,
+    ) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let body = self.admin_get(runtime, "/functions")?;
+            let view: serde_json::Value =
+                serde_json::from_str(&body).context("parsing /functions")?;
+            let at_zero = view
+                .as_array()
+                .and_then(|fs| fs.iter().find(|f| f["name"] == function))
+                .is_some_and(|f| {
+                    f["desired"] == 0 && f["processes"].as_array().is_none_or(|p| p.is_empty())
+                });
+            if at_zero {
+                return Ok(());
+            }
+            if started.elapsed() > limit {
+                return Err(Error::msg(format!(
+                    "{function} did not scale to zero within {limit:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The pid and port of the one running replica of `function`.
@@ -525,49 +574,80 @@ fn cold_start(
     zeroscale: &Path,
     work: &Path,
     samples: usize,
-) -> Result<ColdStart> {
+    cycled_samples: usize,
+) -> Result<(ColdStart, Option<ColdStart>)> {
     let samples = samples.max(1);
     let backend_ms = coldstart::backend_start_times(bench_bin, samples)?;
-    let dev = Dev::start(
-        runtime,
-        zeroscale,
-        &work.join("dev-coldstart"),
-        &coldstart::manifests(bench_bin, samples),
-    )
-    .context("starting zeroscale dev")?;
-    let mut out = Vec::with_capacity(samples);
+    let mut manifests = coldstart::manifests(bench_bin, samples);
+    manifests.push_str("---\n");
+    // The shortest idle timeout the API allows, so each cycle to zero is quick.
+    manifests.push_str(&function_manifest(CYCLED, bench_bin, 0, 1, "1s"));
+    let dev = Dev::start(runtime, zeroscale, &work.join("dev-coldstart"), &manifests)
+        .context("starting zeroscale dev")?;
+    let mut fresh = Vec::with_capacity(samples);
     for i in 0..samples {
-        let function = coldstart::name(i);
-        let host = format!("{function}.default");
-        let answer = runtime.block_on(crate::http::get(
-            dev.listen,
-            &host,
-            "/",
-            Duration::from_secs(60),
-        ))?;
-        let cold_header = answer
-            .headers
-            .get(zeroscale::api::COLD_START_HEADER)
-            .is_some_and(|v| v == "true");
-        let metrics = dev.admin_get(runtime, "/metrics")?;
-        out.push(coldstart::Sample {
-            function: function.clone(),
-            status: answer.status.as_u16(),
-            cold_header,
-            ttfb_ms: answer.ttfb.as_secs_f64() * 1e3,
-            wake_to_ready_ms: coldstart::wake_to_ready_ms(&metrics, &function),
-        });
+        fresh.push(cold_request(runtime, &dev, &coldstart::name(i))?);
         // Let the new replica's start-up settle before the next wake.
         std::thread::sleep(Duration::from_millis(100));
     }
-    drop(dev);
-    coldstart::check(&out)?;
-    Ok(coldstart::summarize(
-        out,
+    coldstart::check(&fresh)?;
+    let fresh = coldstart::summarize(
+        fresh,
         &backend_ms,
         vec![
             "one fresh Function per sample, so each is a wake from zero with no idle-timeout wait"
                 .into(),
         ],
-    ))
+    );
+
+    let mut cycled = Vec::with_capacity(cycled_samples);
+    for _ in 0..cycled_samples {
+        dev.wait_for_zero(runtime, CYCLED, Duration::from_secs(60))?;
+        cycled.push(cold_request(runtime, &dev, CYCLED)?);
+    }
+    coldstart::check(&cycled)?;
+    let cycled = (!cycled.is_empty()).then(|| {
+        coldstart::summarize(
+            cycled,
+            &backend_ms,
+            vec![format!(
+                "one Function ({CYCLED}, idleTimeout 1s) scaled to zero by the autoscaler \
+                 between samples: the activator has served it before and its old replica is gone"
+            )],
+        )
+    });
+    drop(dev);
+    Ok((fresh, cycled))
+}
+
+/// The Function of the cold starts that cycle through zero.
+const CYCLED: &str = "cycled";
+
+/// One timed request to a Function at zero, with the activator's wake-to-ready for it.
+fn cold_request(
+    runtime: &tokio::runtime::Runtime,
+    dev: &Dev,
+    function: &str,
+) -> Result<coldstart::Sample> {
+    let host = format!("{function}.default");
+    // The histogram's sum before, so a Function woken before counts only this wake.
+    let before = coldstart::wake_to_ready_ms(&dev.admin_get(runtime, "/metrics")?, function);
+    let answer = runtime.block_on(crate::http::get(
+        dev.listen,
+        &host,
+        "/",
+        Duration::from_secs(60),
+    ))?;
+    let cold_header = answer
+        .headers
+        .get(zeroscale::api::COLD_START_HEADER)
+        .is_some_and(|v| v == "true");
+    let after = coldstart::wake_to_ready_ms(&dev.admin_get(runtime, "/metrics")?, function);
+    Ok(coldstart::Sample {
+        function: function.to_string(),
+        status: answer.status.as_u16(),
+        cold_header,
+        ttfb_ms: answer.ttfb.as_secs_f64() * 1e3,
+        wake_to_ready_ms: after.map(|a| a - before.unwrap_or(0.0)),
+    })
 }
