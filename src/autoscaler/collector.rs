@@ -86,8 +86,8 @@ impl HttpSource {
         let stop = CancellationToken::new();
         *watch = Some(stop.clone().drop_guard());
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
-        let config =
-            watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", self.service));
+        let config = watcher::Config::default()
+            .labels(&format!("kubernetes.io/service-name={}", self.service));
         let endpoints = self.endpoints.clone();
         let service = self.service.clone();
         tokio::spawn(async move {
@@ -148,7 +148,8 @@ impl HttpSource {
                 .await
                 .map_err(|e| format!("reading {uri}: {e}"))?
                 .to_bytes();
-            serde_json::from_slice::<StatsSnapshot>(&body).map_err(|e| format!("decoding {uri}: {e}"))
+            serde_json::from_slice::<StatsSnapshot>(&body)
+                .map_err(|e| format!("decoding {uri}: {e}"))
         };
         match tokio::time::timeout(self.timeout, fetch).await {
             Ok(result) => result,
@@ -394,12 +395,389 @@ fn differences(before: &StatsSnapshot, after: &StatsSnapshot) -> Option<Differen
         if integral < -1e-6 {
             return None;
         }
-        let concurrency = if seconds > 0.0 { integral.max(0.0) / seconds } else { 0.0 };
-        let rps = if seconds > 0.0 { requests as f64 / seconds } else { 0.0 };
+        let concurrency = if seconds > 0.0 {
+            integral.max(0.0) / seconds
+        } else {
+            0.0
+        };
+        let rps = if seconds > 0.0 {
+            requests as f64 / seconds
+        } else {
+            0.0
+        };
         out.rates.insert(key.clone(), (concurrency, rps));
         if requests > 0 {
             out.new_requests.insert(key, requests);
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::config::{Defaults, FunctionConfig, ScaleConfig};
+    use crate::api::{FunctionSpec, PodTemplate};
+    use crate::autoscaler::decider::{Decider, Observation};
+
+    fn key() -> FunctionKey {
+        FunctionKey::new("default", "hello")
+    }
+
+    /// An activator's snapshot with one Function's cumulative counters.
+    fn snap(
+        activator: &str,
+        at_ms: i64,
+        requests: u64,
+        integral: f64,
+        in_flight: u64,
+    ) -> StatsSnapshot {
+        StatsSnapshot {
+            activator: activator.into(),
+            taken_unix_ms: at_ms,
+            functions: vec![FunctionStats {
+                namespace: "default".into(),
+                name: "hello".into(),
+                in_flight,
+                queued: 0,
+                requests_total: requests,
+                concurrency_seconds_total: integral,
+                last_request_unix_ms: (requests > 0).then_some(at_ms),
+            }],
+        }
+    }
+
+    fn ok(source: &str, s: StatsSnapshot) -> Reading {
+        Reading {
+            source: source.into(),
+            result: Ok(s),
+        }
+    }
+
+    fn failed(source: &str) -> Reading {
+        Reading {
+            source: source.into(),
+            result: Err("timed out".into()),
+        }
+    }
+
+    /// Activator `id` at second `t` of a steady `c` in flight and `rps` requests/s.
+    fn steady(id: &str, t: i64, c: f64, rps: u64) -> StatsSnapshot {
+        snap(id, t * 1000, rps * t as u64, c * t as f64, c as u64)
+    }
+
+    #[test]
+    fn sums_rates_across_activators() {
+        let mut agg = Aggregator::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        agg.observe(
+            vec![
+                ok("a", steady("a", 0, 4.0, 40)),
+                ok("b", steady("b", 0, 6.0, 60)),
+            ],
+            t0,
+        );
+        let round = agg.observe(
+            vec![
+                ok("a", steady("a", 1, 4.0, 40)),
+                ok("b", steady("b", 1, 6.0, 60)),
+            ],
+            t0 + Duration::from_secs(1),
+        );
+        let load = round.load(&key());
+        assert!(!round.partial);
+        assert!((load.concurrency - 10.0).abs() < 1e-9, "{load:?}");
+        assert!((load.rps - 100.0).abs() < 1e-9, "{load:?}");
+        assert_eq!(load.in_flight, 10);
+        assert_eq!(load.new_requests, 100);
+    }
+
+    #[test]
+    fn a_slow_activator_keeps_its_last_rate_and_is_not_counted_twice_when_back() {
+        let mut agg = Aggregator::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        agg.observe(
+            vec![
+                ok("a", steady("a", 0, 4.0, 40)),
+                ok("b", steady("b", 0, 6.0, 60)),
+            ],
+            at(0),
+        );
+        agg.observe(
+            vec![
+                ok("a", steady("a", 1, 4.0, 40)),
+                ok("b", steady("b", 1, 6.0, 60)),
+            ],
+            at(1),
+        );
+        // b misses three rounds: its last rate stands in, marked partial.
+        for s in 2..5 {
+            let round = agg.observe(
+                vec![ok("a", steady("a", s as i64, 4.0, 40)), failed("b")],
+                at(s),
+            );
+            let load = round.load(&key());
+            assert!(round.partial && load.partial);
+            assert_eq!((round.fresh, round.stale), (1, 1));
+            assert!((load.concurrency - 10.0).abs() < 1e-9, "{load:?}");
+            assert_eq!(load.new_requests, 40, "only a's new requests");
+        }
+        // b answers again: its counters cover four seconds, averaged over them, once.
+        let round = agg.observe(
+            vec![
+                ok("a", steady("a", 5, 4.0, 40)),
+                ok("b", steady("b", 5, 6.0, 60)),
+            ],
+            at(5),
+        );
+        let load = round.load(&key());
+        assert!(!round.partial);
+        assert!((load.concurrency - 10.0).abs() < 1e-9, "{load:?}");
+        assert!((load.rps - 100.0).abs() < 1e-9, "{load:?}");
+    }
+
+    #[test]
+    fn a_gone_activator_is_dropped_after_stale_after() {
+        let mut agg = Aggregator::new(Duration::from_secs(3));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        agg.observe(
+            vec![
+                ok("a", steady("a", 0, 4.0, 40)),
+                ok("b", steady("b", 0, 6.0, 60)),
+            ],
+            at(0),
+        );
+        agg.observe(
+            vec![
+                ok("a", steady("a", 1, 4.0, 40)),
+                ok("b", steady("b", 1, 6.0, 60)),
+            ],
+            at(1),
+        );
+        // b left the Service: absent from the readings.
+        for s in 2..=4 {
+            let round = agg.observe(vec![ok("a", steady("a", s as i64, 4.0, 40))], at(s));
+            assert!(round.partial);
+            assert_eq!(round.load(&key()).in_flight, 10, "b's last values kept");
+        }
+        let round = agg.observe(vec![ok("a", steady("a", 5, 4.0, 40))], at(5));
+        assert!(!round.partial, "b forgotten");
+        assert_eq!(round.stale, 0);
+        assert!((round.load(&key()).concurrency - 4.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_restart_is_a_new_baseline_not_a_negative_or_huge_rate() {
+        let mut agg = Aggregator::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        agg.observe(vec![ok("10.0.0.1:9090", steady("a", 0, 4.0, 40))], at(0));
+        agg.observe(vec![ok("10.0.0.1:9090", steady("a", 100, 4.0, 40))], at(1));
+        // Same address, new process: counters start over.
+        let round = agg.observe(
+            vec![ok("10.0.0.1:9090", snap("a2", 101_000, 5, 0.5, 2))],
+            at(2),
+        );
+        let load = round.load(&key());
+        assert!(round.partial, "a baseline round is partial");
+        assert_eq!(load.concurrency, 2.0, "the instantaneous count stands in");
+        assert_eq!(load.new_requests, 0);
+        // Same id, counters went back (restarted with the same name).
+        let round = agg.observe(
+            vec![ok("10.0.0.1:9090", snap("a2", 102_000, 1, 0.1, 1))],
+            at(3),
+        );
+        assert!(round.partial);
+        assert_eq!(round.load(&key()).concurrency, 1.0);
+        let round = agg.observe(
+            vec![ok("10.0.0.1:9090", snap("a2", 103_000, 11, 3.1, 3))],
+            at(4),
+        );
+        assert!(!round.partial);
+        let load = round.load(&key());
+        assert!(
+            (load.concurrency - 3.0).abs() < 1e-9 && (load.rps - 10.0).abs() < 1e-9,
+            "{load:?}"
+        );
+    }
+
+    #[test]
+    fn the_same_snapshot_twice_is_no_new_information() {
+        let mut agg = Aggregator::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        agg.observe(vec![ok("a", steady("a", 0, 4.0, 40))], t0);
+        agg.observe(
+            vec![ok("a", steady("a", 1, 4.0, 40))],
+            t0 + Duration::from_secs(1),
+        );
+        let round = agg.observe(
+            vec![ok("a", steady("a", 1, 4.0, 40))],
+            t0 + Duration::from_secs(2),
+        );
+        assert!(round.partial);
+        assert!((round.load(&key()).concurrency - 4.0).abs() < 1e-9);
+    }
+
+    fn cfg() -> ScaleConfig {
+        let spec = FunctionSpec {
+            template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
+            port: None,
+            hosts: vec![],
+            scale: None,
+            timeouts: None,
+            queue: None,
+        };
+        FunctionConfig::resolve(&spec, &Defaults::default())
+            .expect("defaults resolve")
+            .scale
+    }
+
+    #[test]
+    fn an_unanswering_activator_never_causes_a_scale_down_or_scale_to_zero() {
+        // Activator b carries all of the Function's traffic (21 in flight: 3 replicas),
+        // then stops answering while staying in the Service.
+        let cfg = cfg();
+        let mut agg = Aggregator::new(Duration::from_secs(5));
+        let mut decider = Decider::new();
+        let t0 = Instant::now();
+        let mut current = 3;
+        for s in 0..=60u64 {
+            let now = t0 + Duration::from_secs(s);
+            let round = agg.observe(
+                vec![
+                    ok("a", steady("a", s as i64, 0.0, 0)),
+                    ok("b", steady("b", s as i64, 21.0, 200)),
+                ],
+                now,
+            );
+            let obs = Observation {
+                current,
+                ready: current,
+                load: round.load(&key()),
+            };
+            current = decider.decide(&cfg, &obs, now).desired;
+        }
+        assert_eq!(current, 3);
+        for s in 61..=300u64 {
+            let now = t0 + Duration::from_secs(s);
+            let round = agg.observe(
+                vec![ok("a", steady("a", s as i64, 0.0, 0)), failed("b")],
+                now,
+            );
+            let obs = Observation {
+                current,
+                ready: current,
+                load: round.load(&key()),
+            };
+            let d = decider.decide(&cfg, &obs, now);
+            assert_eq!(d.desired, 3, "second {s}: {}", d.reason);
+            current = d.desired;
+        }
+    }
+
+    #[test]
+    fn admin_addresses_takes_ready_endpoints_on_the_admin_port() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "activator-abc", "labels": {"kubernetes.io/service-name": "zeroscale-activator"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "admin", "port": 9090}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.3"]},
+                {"addresses": ["not-an-ip"]}
+            ]
+        }))
+        .expect("a valid slice");
+        let addrs: Vec<String> = admin_addresses(&slice)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addrs, vec!["10.0.0.1:9090", "10.0.0.3:9090"]);
+        let no_admin: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x"},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}]
+        }))
+        .expect("a valid slice");
+        assert!(admin_addresses(&no_admin).is_empty());
+    }
+
+    /// Serves `body` as the answer to one request per connection.
+    async fn stats_server(body: Option<String>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    match body {
+                        Some(b) => {
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",
+                                b.len()
+                            );
+                            let _ = stream.write_all(resp.as_bytes()).await;
+                        }
+                        // A stuck activator: accepts, never answers.
+                        None => tokio::time::sleep(Duration::from_secs(30)).await,
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn http_source_reads_every_activator_and_times_out_a_stuck_one() {
+        let good = stats_server(Some(
+            serde_json::to_string(&steady("act-1", 1, 2.0, 10)).expect("json"),
+        ))
+        .await;
+        let stuck = stats_server(None).await;
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "default");
+        let source = HttpSource::with_timeout(
+            client,
+            "zeroscale-system".into(),
+            "zeroscale-activator".into(),
+            Duration::from_millis(300),
+        );
+        // No API server here: fill in the endpoints the watch would have found.
+        *source.watch.lock().expect("lock") = Some(CancellationToken::new().drop_guard());
+        source
+            .endpoints
+            .lock()
+            .expect("lock")
+            .insert("slice".into(), vec![good, stuck]);
+        let started = std::time::Instant::now();
+        let mut readings = source.collect().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the stuck one did not stall the round"
+        );
+        readings.sort_by_key(|r| r.source.clone());
+        let by_source: BTreeMap<String, Result<StatsSnapshot, String>> =
+            readings.into_iter().map(|r| (r.source, r.result)).collect();
+        let got = by_source[&good.to_string()].as_ref().expect("good answers");
+        assert_eq!(got.activator, "act-1");
+        let err = by_source[&stuck.to_string()]
+            .as_ref()
+            .expect_err("stuck times out");
+        assert!(err.contains("no answer"), "{err}");
+    }
 }

@@ -216,7 +216,8 @@ impl Decider {
         // 2. Pods, rate-bounded relative to the ready replicas.
         let base = obs.ready.max(1);
         let max_up = ceil_pods(f64::from(base) * cfg.max_scale_up_rate).max(obs.current);
-        let max_down = ((f64::from(base) / cfg.max_scale_down_rate).floor() as u32).min(obs.current);
+        let max_down =
+            ((f64::from(base) / cfg.max_scale_down_rate).floor() as u32).min(obs.current);
         let bound = |pods: u32| pods.clamp(max_down, max_up.max(max_down));
         let stable_pods = bound(ceil_pods(stable / per_replica));
         let panic_pods = bound(ceil_pods(panic_load / per_replica));
@@ -294,7 +295,11 @@ impl Decider {
             );
         } else if desired == 0 {
             desired = 1;
-            let _ = write!(reason, "; kept at 1 until idle for {}s", cfg.idle_timeout.as_secs());
+            let _ = write!(
+                reason,
+                "; kept at 1 until idle for {}s",
+                cfg.idle_timeout.as_secs()
+            );
         }
         if obs.current == 0 && load.live() > 0 && desired < cfg.initial {
             desired = cfg.initial;
@@ -362,5 +367,294 @@ impl Decider {
             panic: self.panic.is_some(),
             reason,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::config::{Defaults, FunctionConfig};
+    use crate::api::{FunctionSpec, PodTemplate};
+
+    /// The built-in defaults: target 10 x 70% = 7 per replica, window 60s, panic 6s,
+    /// idle 30s, initial 1, max 10.
+    fn cfg() -> ScaleConfig {
+        let spec = FunctionSpec {
+            template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
+            port: None,
+            hosts: vec![],
+            scale: None,
+            timeouts: None,
+            queue: None,
+        };
+        FunctionConfig::resolve(&spec, &Defaults::default())
+            .expect("defaults resolve")
+            .scale
+    }
+
+    /// Drives a decider one second per step, feeding back its decisions as the
+    /// platform's count (all replicas ready at once).
+    struct Run {
+        cfg: ScaleConfig,
+        decider: Decider,
+        start: Instant,
+        second: u64,
+        current: u32,
+    }
+
+    impl Run {
+        fn new(cfg: ScaleConfig, current: u32) -> Self {
+            Self {
+                cfg,
+                decider: Decider::new(),
+                start: Instant::now(),
+                second: 0,
+                current,
+            }
+        }
+
+        fn step(&mut self, load: Load) -> Decision {
+            self.second += 1;
+            let obs = Observation {
+                current: self.current,
+                ready: self.current,
+                load,
+            };
+            let d = self.decider.decide(
+                &self.cfg,
+                &obs,
+                self.start + Duration::from_secs(self.second),
+            );
+            self.current = d.desired;
+            d
+        }
+
+        /// `n` seconds of a steady concurrency with requests arriving.
+        fn steady(&mut self, concurrency: f64, n: u64) -> Decision {
+            let mut last = None;
+            for _ in 0..n {
+                last = Some(self.step(busy(concurrency)));
+            }
+            last.expect("n > 0")
+        }
+    }
+
+    fn busy(concurrency: f64) -> Load {
+        Load {
+            concurrency,
+            rps: concurrency * 10.0,
+            in_flight: concurrency.round() as u64,
+            new_requests: (concurrency * 10.0).ceil() as u64,
+            ..Load::default()
+        }
+    }
+
+    fn quiet() -> Load {
+        Load::default()
+    }
+
+    #[test]
+    fn idle_reaches_zero_exactly_at_idle_timeout() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(3.0, 60);
+        for s in 1..30 {
+            let d = run.step(quiet());
+            assert_eq!(d.desired, 1, "{s}s after the last request: {}", d.reason);
+        }
+        let d = run.step(quiet());
+        assert_eq!(d.desired, 0, "at idleTimeout");
+        assert!(d.reason.starts_with("idle"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_request_in_flight_longer_than_idle_timeout_keeps_the_function_up() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(1.0, 5);
+        // One long request: in flight for two minutes, no new arrivals.
+        for s in 0..120 {
+            let d = run.step(Load {
+                concurrency: 1.0,
+                in_flight: 1,
+                ..Load::default()
+            });
+            assert_eq!(d.desired, 1, "second {s} of the long request");
+        }
+        // It ends: zero only a full idleTimeout later.
+        for _ in 1..30 {
+            assert_eq!(run.step(quiet()).desired, 1);
+        }
+        assert_eq!(run.step(quiet()).desired, 0);
+    }
+
+    #[test]
+    fn a_queued_request_at_zero_gets_initial_replicas() {
+        let mut c = cfg();
+        c.initial = 3;
+        let mut run = Run::new(c, 0);
+        for _ in 0..100 {
+            assert_eq!(run.step(quiet()).desired, 0, "no demand, stays at zero");
+        }
+        let d = run.step(Load {
+            queued: 1,
+            new_requests: 1,
+            ..Load::default()
+        });
+        assert_eq!(d.desired, 3, "{}", d.reason);
+    }
+
+    #[test]
+    fn at_zero_history_alone_never_wakes_the_function() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(30.0, 60);
+        // Scaled to zero by someone while the windows still hold load.
+        run.current = 0;
+        let d = run.step(quiet());
+        assert_eq!(d.desired, 0, "{}", d.reason);
+    }
+
+    #[test]
+    fn a_function_woken_by_the_activator_stays_up_for_idle_timeout() {
+        let mut run = Run::new(cfg(), 0);
+        for _ in 0..100 {
+            run.step(quiet());
+        }
+        // The activator woke it (0 -> 1), but its stats have not shown the request yet.
+        run.current = 1;
+        for s in 0..30 {
+            let d = run.step(quiet());
+            assert_eq!(d.desired, 1, "{s}s after the wake: {}", d.reason);
+        }
+        assert_eq!(run.step(quiet()).desired, 0, "idleTimeout after the wake");
+    }
+
+    #[test]
+    fn partial_stats_never_scale_down() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(35.0, 60);
+        assert_eq!(run.current, 5);
+        let partial = Load {
+            partial: true,
+            ..Load::default()
+        };
+        for _ in 0..120 {
+            let d = run.step(partial.clone());
+            assert_eq!(d.desired, 5, "{}", d.reason);
+        }
+        // Complete again: the quiet is real, the Function has long been idle.
+        assert_eq!(run.step(quiet()).desired, 0);
+    }
+
+    #[test]
+    fn panic_enters_on_twice_the_capacity_scales_only_up_and_exits_after_a_window() {
+        let mut run = Run::new(cfg(), 1);
+        let d = run.steady(10.0, 60);
+        assert_eq!((d.desired, d.panic), (2, false));
+        // 46 in flight against 2 ready x 7: 3.3x capacity.
+        let d = run.step(busy(46.0));
+        assert!(d.panic, "{}", d.reason);
+        assert_eq!(d.desired, 7, "ceil(46 / 7)");
+        assert!(
+            d.reason
+                .starts_with("panic: 46.0 concurrent requests >= 2x"),
+            "{}",
+            d.reason
+        );
+        // Back to 10 at once: in panic, never down, for a full stable window.
+        for s in 1..60 {
+            let d = run.step(busy(10.0));
+            assert!(d.panic, "still in panic {s}s after");
+            assert_eq!(d.desired, 7, "{s}s after the burst");
+        }
+        let d = run.step(busy(10.0));
+        assert!(!d.panic, "a full window below the threshold ends panic");
+        assert!(d.desired < 7);
+    }
+
+    #[test]
+    fn rates_bound_each_step_relative_to_ready() {
+        let mut c = cfg();
+        c.max = 100;
+        c.max_scale_up_rate = 2.0;
+        let mut run = Run::new(c, 1);
+        run.steady(5.0, 60);
+        assert_eq!(run.current, 1);
+        // 280 in flight needs 40: up at most x2 per decision.
+        let seen: Vec<u32> = (0..7).map(|_| run.step(busy(280.0)).desired).collect();
+        assert_eq!(seen, vec![2, 4, 8, 16, 32, 40, 40]);
+    }
+
+    #[test]
+    fn scale_down_delay_holds_the_highest_recent_count() {
+        let mut c = cfg();
+        c.window = Duration::from_secs(6);
+        c.panic_window = Duration::from_secs(1);
+        c.scale_down_delay = Duration::from_secs(20);
+        let mut run = Run::new(c, 1);
+        assert_eq!(run.steady(35.0, 30).desired, 5);
+        // The load drops to 7 (1 replica): nothing changes for 20s.
+        for s in 0..19 {
+            let d = run.step(busy(7.0));
+            assert_eq!(d.desired, 5, "{s}s into the delay: {}", d.reason);
+        }
+        // Then down, each lower count only once it held for the delay.
+        let later: Vec<u32> = (0..40).map(|_| run.step(busy(7.0)).desired).collect();
+        assert!(later[2] < 5, "{later:?}");
+        assert!(later.windows(2).all(|w| w[1] <= w[0]), "{later:?}");
+        assert_eq!(*later.last().expect("not empty"), 1, "{later:?}");
+    }
+
+    #[test]
+    fn min_and_max_clamp_the_count() {
+        let mut c = cfg();
+        c.min = 2;
+        c.max = 4;
+        let mut run = Run::new(c, 2);
+        assert_eq!(run.steady(100.0, 10).desired, 4);
+        for _ in 0..120 {
+            run.step(quiet());
+        }
+        assert_eq!(run.current, 2, "idle goes to min, not zero");
+    }
+
+    #[test]
+    fn rps_metric_divides_requests_per_second_by_the_target() {
+        let mut c = cfg();
+        c.metric = Metric::Rps;
+        c.target = 100.0;
+        let mut run = Run::new(c, 1);
+        let d = (0..60)
+            .map(|_| {
+                run.step(Load {
+                    rps: 500.0,
+                    concurrency: 2.0,
+                    in_flight: 2,
+                    new_requests: 500,
+                    ..Load::default()
+                })
+            })
+            .last()
+            .expect("ran");
+        assert_eq!(d.desired, 8, "ceil(500 / 70): {}", d.reason);
+        assert!(d.reason.contains("requests/s"));
+    }
+
+    #[test]
+    fn container_concurrency_caps_the_target() {
+        let mut c = cfg();
+        c.container_concurrency = Some(2);
+        let mut run = Run::new(c, 1);
+        // 7 concurrent at 2 x 70% = 1.4 per replica: 5.
+        assert_eq!(run.steady(7.0, 60).desired, 5);
+    }
+
+    #[test]
+    fn a_fresh_decider_does_not_scale_down_before_a_full_window() {
+        // An operator restart finds the Function at 6 replicas with light load.
+        let mut run = Run::new(cfg(), 6);
+        for s in 0..60 {
+            assert_eq!(run.step(busy(3.0)).desired, 6, "second {s}");
+        }
+        let d = run.step(busy(3.0));
+        assert!(d.desired < 6, "{}", d.reason);
     }
 }

@@ -223,18 +223,17 @@ impl Scaler {
         }
         let platform = self.platform.clone();
         let keys: Vec<FunctionKey> = self.functions.keys().cloned().collect();
-        let scales: Vec<(FunctionKey, Result<Scale, PlatformError>)> =
-            futures::stream::iter(keys)
-                .map(|key| {
-                    let platform = platform.clone();
-                    async move {
-                        let scale = platform.scale(&key).await;
-                        (key, scale)
-                    }
-                })
-                .buffer_unordered(self.settings.concurrency.max(1))
-                .collect()
-                .await;
+        let scales: Vec<(FunctionKey, Result<Scale, PlatformError>)> = futures::stream::iter(keys)
+            .map(|key| {
+                let platform = platform.clone();
+                async move {
+                    let scale = platform.scale(&key).await;
+                    (key, scale)
+                }
+            })
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
         let mut work = Vec::new();
         for (key, scale) in scales {
             let scale = match scale {
@@ -258,9 +257,7 @@ impl Scaler {
                 let metrics = self.metrics.clone();
                 async move {
                     let published = apply(platform.as_ref(), &w).await;
-                    metrics
-                        .decision
-                        .observe(w.started.elapsed().as_secs_f64());
+                    metrics.decision.observe(w.started.elapsed().as_secs_f64());
                     (w.key, published)
                 }
             })
@@ -326,12 +323,7 @@ impl Scaler {
                 .last_request_unix_ms
                 .get(key)
                 .and_then(|ms| jiff::Timestamp::from_millisecond(*ms).ok())
-                .or_else(|| {
-                    tracked
-                        .published
-                        .as_ref()
-                        .and_then(|p| p.last_request_time)
-                }),
+                .or_else(|| tracked.published.as_ref().and_then(|p| p.last_request_time)),
         };
         let publish = (tracked.published.as_ref() != Some(&status)).then_some(status);
         if change.is_none() && publish.is_none() {
@@ -371,7 +363,9 @@ async fn apply(platform: &dyn Platform, w: &Work) -> Option<AutoscalerStatus> {
             .set_scale(&w.key, c.to, c.version.as_deref(), &c.reason)
             .await
         {
-            Ok(()) => info!(function = %w.key, from = c.from, to = c.to, reason = %c.reason, "scaled"),
+            Ok(()) => {
+                info!(function = %w.key, from = c.from, to = c.to, reason = %c.reason, "scaled")
+            }
             Err(PlatformError::Conflict(_)) => {
                 // Someone (an activator's wake) changed it since it was read: their
                 // change stands; the next tick decides on the new count.

@@ -197,7 +197,11 @@ pub fn run(cfg: &ScaleConfig, trace: &Trace) -> Timeline {
                 rps,
                 in_flight,
                 queued,
-                new_requests: if demand > 0.0 { rps.ceil().max(1.0) as u64 } else { 0 },
+                new_requests: if demand > 0.0 {
+                    rps.ceil().max(1.0) as u64
+                } else {
+                    0
+                },
                 partial: false,
             },
         };
@@ -246,7 +250,10 @@ fn summarize(points: &[Point]) -> Summary {
         ..Summary::default()
     };
     s.overshoot = s.peak_desired.saturating_sub(s.peak_needed);
-    if let Some(start) = points.iter().find(|p| p.needed == s.peak_needed && s.peak_needed > 0) {
+    if let Some(start) = points
+        .iter()
+        .find(|p| p.needed == s.peak_needed && s.peak_needed > 0)
+    {
         let after = || points.iter().filter(|p| p.at >= start.at);
         s.time_to_peak_desired = after()
             .find(|p| p.desired >= s.peak_needed)
