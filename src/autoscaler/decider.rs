@@ -316,7 +316,9 @@ impl Decider {
         } else {
             self.recent.push_back((now, desired));
             while let Some(&(t, _)) = self.recent.front() {
-                if now.saturating_duration_since(t) >= cfg.scale_down_delay {
+                // Kept at an age of exactly the delay: a lower count applies once it has
+                // held for the whole delay.
+                if now.saturating_duration_since(t) > cfg.scale_down_delay {
                     self.recent.pop_front();
                 } else {
                     break;

@@ -325,7 +325,7 @@ impl Scaler {
                 .and_then(|ms| jiff::Timestamp::from_millisecond(*ms).ok())
                 .or_else(|| tracked.published.as_ref().and_then(|p| p.last_request_time)),
         };
-        let publish = (tracked.published.as_ref() != Some(&status)).then_some(status);
+        let publish = needs_publishing(tracked.published.as_ref(), &status).then_some(status);
         if change.is_none() && publish.is_none() {
             self.metrics
                 .decision
@@ -338,6 +338,23 @@ impl Scaler {
             publish,
             started,
         })
+    }
+}
+
+/// How stale `lastRequestTime` on the status may get under steady traffic: it is written
+/// when the desired count changes, and otherwise at most this often, so a busy Function
+/// does not cost an API write per tick.
+const LAST_REQUEST_TIME_GRANULARITY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+
+fn needs_publishing(published: Option<&AutoscalerStatus>, status: &AutoscalerStatus) -> bool {
+    let Some(p) = published else { return true };
+    if p.desired_replicas != status.desired_replicas {
+        return true;
+    }
+    match (p.last_request_time, status.last_request_time) {
+        (None, Some(_)) => true,
+        (Some(old), Some(new)) => new.duration_since(old) >= LAST_REQUEST_TIME_GRANULARITY,
+        _ => false,
     }
 }
 
