@@ -35,6 +35,9 @@ pub const ADMIN_PORT_NAME: &str = "admin";
 /// Largest `/stats` body accepted.
 const MAX_STATS_BYTES: usize = 16 * 1024 * 1024;
 
+/// The ready `admin` addresses of each EndpointSlice, by slice name.
+type SliceAddresses = BTreeMap<String, Vec<SocketAddr>>;
+
 /// Reads `/stats` from each ready endpoint of the activator Service (port `admin`).
 pub struct HttpSource {
     client: kube::Client,
@@ -42,7 +45,8 @@ pub struct HttpSource {
     service: String,
     timeout: Duration,
     http: Client<HttpConnector, Empty<Bytes>>,
-    endpoints: Arc<Mutex<BTreeMap<String, Vec<SocketAddr>>>>,
+    /// Ready activator addresses per EndpointSlice; `None` until the first list.
+    endpoints: Arc<Mutex<Option<SliceAddresses>>>,
     /// Stops the EndpointSlice watch when the source is dropped; set on first use so
     /// `new` needs no runtime.
     watch: Mutex<Option<DropGuard>>,
@@ -92,14 +96,15 @@ impl HttpSource {
         let service = self.service.clone();
         tokio::spawn(async move {
             let mut events = watcher(api, config).default_backoff().boxed();
-            let mut relist: Option<BTreeMap<String, Vec<SocketAddr>>> = None;
+            let mut relist: Option<SliceAddresses> = None;
             loop {
                 let event = tokio::select! {
                     _ = stop.cancelled() => return,
                     e = events.try_next() => e,
                 };
                 let set = |name: String, addrs: Option<Vec<SocketAddr>>| {
-                    let mut map = endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut guard = endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+                    let map = guard.get_or_insert_with(BTreeMap::new);
                     match addrs {
                         Some(a) => map.insert(name, a),
                         None => map.remove(&name),
@@ -116,7 +121,7 @@ impl HttpSource {
                         let fresh = relist.take().unwrap_or_default();
                         let count: usize = fresh.values().map(Vec::len).sum();
                         info!(%service, activators = count, "activator endpoints listed");
-                        *endpoints.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+                        *endpoints.lock().unwrap_or_else(PoisonError::into_inner) = Some(fresh);
                     }
                     Ok(Some(watcher::Event::Apply(slice))) => {
                         set(slice_name(&slice), Some(admin_addresses(&slice)))
@@ -189,14 +194,20 @@ pub fn admin_addresses(slice: &EndpointSlice) -> Vec<SocketAddr> {
 impl StatsSource for HttpSource {
     async fn collect(&self) -> Vec<Reading> {
         self.ensure_watching();
-        let addrs: BTreeSet<SocketAddr> = self
-            .endpoints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .flatten()
-            .copied()
-            .collect();
+        let addrs: BTreeSet<SocketAddr> = {
+            let guard = self
+                .endpoints
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let Some(map) = guard.as_ref() else {
+                // Not listed yet: say so, so that no activator reads as no load.
+                return vec![Reading {
+                    source: format!("endpointslices/{}", self.service),
+                    result: Err("activator endpoints not listed yet".into()),
+                }];
+            };
+            map.values().flatten().copied().collect()
+        };
         futures::future::join_all(addrs.into_iter().map(|addr| async move {
             Reading {
                 source: addr.to_string(),
@@ -217,6 +228,8 @@ struct SourceState {
     /// Per Function: (average concurrency, rps) over the interval before the last read;
     /// absent when the last read was a fresh baseline.
     rates: BTreeMap<FunctionKey, (f64, f64)>,
+    /// Per Function: requests received between the last two reads.
+    new_requests: BTreeMap<FunctionKey, u64>,
 }
 
 /// Per-Function load of one collection round.
@@ -231,6 +244,9 @@ pub struct Round {
     pub fresh: usize,
     /// Activators whose last values were used instead.
     pub stale: usize,
+    /// Reads that failed this round (an activator that keeps failing counts here even
+    /// after its last values are dropped, and keeps the round partial).
+    pub failed: usize,
 }
 
 impl Round {
@@ -263,14 +279,13 @@ impl Aggregator {
     pub fn observe(&mut self, readings: Vec<Reading>, now: Instant) -> Round {
         let mut round = Round::default();
         let mut answered = BTreeSet::new();
-        // New requests per Function from this round's reads only.
-        let mut new_requests: BTreeMap<FunctionKey, u64> = BTreeMap::new();
         for reading in readings {
             let snapshot = match reading.result {
                 Ok(s) => s,
                 Err(error) => {
                     debug!(source = %reading.source, %error, "activator stats unavailable");
                     round.partial = true;
+                    round.failed += 1;
                     continue;
                 }
             };
@@ -286,18 +301,13 @@ impl Aggregator {
                 round.partial = true;
                 continue;
             }
-            let rates = match continues {
+            let (rates, new_requests) = match continues {
                 Some(p) => match differences(&p.snapshot, &snapshot) {
-                    Some(d) => {
-                        for (key, n) in d.new_requests {
-                            *new_requests.entry(key).or_default() += n;
-                        }
-                        d.rates
-                    }
+                    Some(d) => (d.rates, d.new_requests),
                     None => {
                         info!(source = %reading.source, activator = %snapshot.activator, "activator counters went back: restarted, new baseline");
                         round.partial = true;
-                        BTreeMap::new()
+                        (BTreeMap::new(), BTreeMap::new())
                     }
                 },
                 None => {
@@ -305,7 +315,7 @@ impl Aggregator {
                         info!(source = %reading.source, activator = %snapshot.activator, "activator restarted, new baseline");
                     }
                     round.partial = true;
-                    BTreeMap::new()
+                    (BTreeMap::new(), BTreeMap::new())
                 }
             };
             answered.insert(reading.source.clone());
@@ -316,6 +326,7 @@ impl Aggregator {
                     received: now,
                     snapshot,
                     rates,
+                    new_requests,
                 },
             );
         }
@@ -333,7 +344,18 @@ impl Aggregator {
             keep
         });
 
-        for (source, state) in &self.sources {
+        // One activator can be reachable at several addresses (dual-stack slices): count
+        // each activator id once, preferring a fresh read.
+        let mut counted = BTreeSet::new();
+        let (fresh_first, stale_after_them): (Vec<_>, Vec<_>) = self
+            .sources
+            .iter()
+            .partition(|(source, _)| answered.contains(*source));
+        for (source, state) in fresh_first.into_iter().chain(stale_after_them) {
+            if !counted.insert(state.activator.as_str()) {
+                debug!(%source, activator = %state.activator, "activator read at another address too, counted once");
+                continue;
+            }
             let fresh = answered.contains(source);
             if fresh {
                 round.fresh += 1;
@@ -354,14 +376,14 @@ impl Aggregator {
                 }
                 load.in_flight += f.in_flight;
                 load.queued += f.queued;
+                if fresh {
+                    load.new_requests += state.new_requests.get(&key).copied().unwrap_or(0);
+                }
                 if let Some(ms) = f.last_request_unix_ms {
                     let last = round.last_request_unix_ms.entry(key).or_insert(ms);
                     *last = (*last).max(ms);
                 }
             }
-        }
-        for (key, n) in new_requests {
-            round.functions.entry(key).or_default().new_requests = n;
         }
         let partial = round.partial;
         for load in round.functions.values_mut() {
@@ -535,6 +557,23 @@ mod tests {
         assert!(!round.partial);
         assert!((load.concurrency - 10.0).abs() < 1e-9, "{load:?}");
         assert!((load.rps - 100.0).abs() < 1e-9, "{load:?}");
+    }
+
+    #[test]
+    fn an_activator_at_two_addresses_counts_once() {
+        let mut agg = Aggregator::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        let both = |t: i64| {
+            vec![
+                ok("10.0.0.1:9090", steady("a", t, 4.0, 40)),
+                ok("[fd00::1]:9090", steady("a", t, 4.0, 40)),
+            ]
+        };
+        agg.observe(both(0), t0);
+        let round = agg.observe(both(1), t0 + Duration::from_secs(1));
+        let load = round.load(&key());
+        assert!((load.concurrency - 4.0).abs() < 1e-9, "{load:?}");
+        assert_eq!((load.in_flight, load.new_requests), (4, 40));
     }
 
     #[test]
@@ -759,11 +798,13 @@ mod tests {
         );
         // No API server here: fill in the endpoints the watch would have found.
         *source.watch.lock().expect("lock") = Some(CancellationToken::new().drop_guard());
-        source
-            .endpoints
-            .lock()
-            .expect("lock")
-            .insert("slice".into(), vec![good, stuck]);
+        let listed = source.collect().await;
+        assert!(
+            listed.len() == 1 && listed[0].result.is_err(),
+            "before the first list the source reports an error, not an empty set"
+        );
+        *source.endpoints.lock().expect("lock") =
+            Some(BTreeMap::from([("slice".into(), vec![good, stuck])]));
         let started = std::time::Instant::now();
         let mut readings = source.collect().await;
         assert!(

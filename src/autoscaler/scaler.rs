@@ -25,6 +25,7 @@ pub(crate) struct Metrics {
     actual: IntGaugeVec,
     panic: IntGaugeVec,
     observed: GaugeVec,
+    sources: IntGaugeVec,
     decision: Histogram,
 }
 
@@ -60,6 +61,13 @@ impl Metrics {
                 ),
                 labels,
             )?,
+            sources: IntGaugeVec::new(
+                Opts::new(
+                    "zeroscale_autoscaler_stats_sources",
+                    "Activators in the last stats round by state: fresh (read), stale (last values used), failed (read failed). Any stale or failed one holds every scale-down.",
+                ),
+                &["state"],
+            )?,
             decision: Histogram::with_opts(
                 HistogramOpts::new(
                     "zeroscale_autoscaler_decision_duration_seconds",
@@ -74,6 +82,7 @@ impl Metrics {
         registry.register(Box::new(m.actual.clone()))?;
         registry.register(Box::new(m.panic.clone()))?;
         registry.register(Box::new(m.observed.clone()))?;
+        registry.register(Box::new(m.sources.clone()))?;
         registry.register(Box::new(m.decision.clone()))?;
         Ok(m)
     }
@@ -211,14 +220,32 @@ impl Scaler {
 
     /// One round: collect, decide and apply for every Function.
     async fn tick(&mut self) {
-        let readings = self.source.collect().await;
+        // A source that hangs must not stop the loop: no answer in a tick is a round
+        // without readings (every activator stale, so no scale-down).
+        let readings = tokio::time::timeout(self.settings.tick, self.source.collect())
+            .await
+            .unwrap_or_else(|_| {
+                warn!("reading activator stats took longer than a tick");
+                Vec::new()
+            });
         let now = Instant::now();
         let round = self.aggregator.observe(readings, now);
+        for (state, n) in [
+            ("fresh", round.fresh),
+            ("stale", round.stale),
+            ("failed", round.failed),
+        ] {
+            self.metrics
+                .sources
+                .with_label_values(&[state])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         if round.partial {
             debug!(
                 fresh = round.fresh,
                 stale = round.stale,
-                "stats incomplete this tick"
+                failed = round.failed,
+                "stats incomplete this tick: scale-downs held"
             );
         }
         let platform = self.platform.clone();
