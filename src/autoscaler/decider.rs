@@ -28,9 +28,10 @@
 //! 4. **Idle.** A Function is active at a tick when requests arrived since the last
 //!    tick or any are in flight or queued. After `idleTimeout` (30s) without activity
 //!    (counted from the last activity, from a wake 0 -> N by the activator, or from the
-//!    first time the decider saw the Function) the count is 0 and the windows are
-//!    ignored; before that it is at least 1. At zero the Function stays at zero unless
-//!    requests are in flight or queued, then it gets at least `initial`.
+//!    first time the decider saw the Function) the count is 0 at once (no rate bound)
+//!    and the windows and panic mode are cleared, so a wake after the silence starts
+//!    from fresh load; before that the count is at least 1. At zero the Function stays
+//!    at zero unless requests are in flight or queued, then it gets at least `initial`.
 //! 5. **Scale-down delay.** The count is the largest one decided within the last
 //!    `scaleDownDelay` (0s), so a scale-down happens only once the lower count has held
 //!    that long (scale-ups are immediate).
@@ -287,6 +288,10 @@ impl Decider {
         let quiet = since(now, quiet_since);
         let idle = quiet >= cfg.idle_timeout && load.live() == 0;
         if idle {
+            // Load from before the silence says nothing about the next wake: a single
+            // request after a burst must not bring back the burst's replicas.
+            self.samples.clear();
+            self.panic = None;
             desired = 0;
             reason = format!(
                 "idle: no requests for {}s (idleTimeout {}s), none in flight or queued",
@@ -570,6 +575,31 @@ mod tests {
         let d = run.step(busy(10.0));
         assert!(!d.panic, "a full window below the threshold ends panic");
         assert!(d.desired < 7);
+    }
+
+    #[test]
+    fn a_wake_after_idle_starts_from_fresh_load_not_the_last_burst() {
+        let mut c = cfg();
+        c.max = 50;
+        let mut run = Run::new(c, 1);
+        run.steady(10.0, 60);
+        assert_eq!(run.step(busy(100.0)).desired, 15);
+        run.steady(100.0, 10);
+        while run.current > 0 {
+            run.step(quiet());
+        }
+        // Ten seconds after reaching zero, one request wakes it (activator: 0 -> 1).
+        for _ in 0..10 {
+            run.step(quiet());
+        }
+        run.current = 1;
+        let d = run.step(Load {
+            concurrency: 0.5,
+            in_flight: 1,
+            new_requests: 1,
+            ..Load::default()
+        });
+        assert_eq!((d.desired, d.panic), (1, false), "{}", d.reason);
     }
 
     #[test]
