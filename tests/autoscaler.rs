@@ -210,7 +210,13 @@ fn standard_traces_run_and_summarize() {
         assert_eq!(tl.points.len(), trace.demand.len(), "{}", trace.name);
         assert!(tl.summary.peak_desired <= cfg.max);
     }
+    assert_eq!(cfg, simulate::default_scale_config().unwrap());
     let step = simulate::run(&cfg, &traces[0]);
+    assert!(
+        step.summary
+            .to_string()
+            .starts_with("needed 9 peak, asked 9 (overshoot 0)")
+    );
     assert_eq!(step.summary.peak_needed, 9);
     assert!(step.summary.time_to_peak_desired <= Some(Duration::from_secs(1)));
     assert_eq!(step.summary.overshoot, 0);

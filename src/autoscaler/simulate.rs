@@ -8,7 +8,22 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::decider::{Decider, Load, Observation};
-use crate::api::config::{Metric, ScaleConfig};
+use crate::api::config::{Defaults, FunctionConfig, Metric, ScaleConfig, ValidationErrors};
+use crate::api::{FunctionSpec, PodTemplate};
+
+/// The scale settings of a Function that sets none: the built-in defaults (target 10
+/// at 70%, window 60s, panic 10% / 200%, idle 30s, max 10).
+pub fn default_scale_config() -> Result<ScaleConfig, ValidationErrors> {
+    let spec = FunctionSpec {
+        template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
+        port: None,
+        hosts: vec![],
+        scale: None,
+        timeouts: None,
+        queue: None,
+    };
+    FunctionConfig::resolve(&spec, &Defaults::default()).map(|c| c.scale)
+}
 
 /// A load trace: the demand of each simulated second.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +159,30 @@ pub struct Summary {
     pub wakes: u32,
     /// From the end of the last demand until zero replicas are asked for.
     pub time_to_zero: Option<Duration>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = |d: Option<Duration>| match d {
+            Some(d) => format!("{}s", d.as_secs()),
+            None => "never".into(),
+        };
+        write!(
+            f,
+            "needed {} peak, asked {} (overshoot {}), asked in {}, ready in {}, \
+             under-provisioned {}s, {} replica-seconds, {} changes, {} wakes, zero after {}",
+            self.peak_needed,
+            self.peak_desired,
+            self.overshoot,
+            secs(self.time_to_peak_desired),
+            secs(self.time_to_peak_ready),
+            self.under_provisioned_seconds,
+            self.replica_seconds,
+            self.scale_changes,
+            self.wakes,
+            secs(self.time_to_zero)
+        )
+    }
 }
 
 /// The replica timeline of a run.
