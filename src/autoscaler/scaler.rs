@@ -314,6 +314,15 @@ impl Scaler {
             load,
         };
         let decision = tracked.decider.decide(&tracked.config, &obs, now);
+        debug!(
+            function = %key,
+            current = scale.desired,
+            ready = scale.ready,
+            desired = decision.desired,
+            panic = decision.panic,
+            reason = %decision.reason,
+            "decided"
+        );
         let labels = [key.namespace.as_str(), key.name.as_str()];
         self.metrics
             .desired
