@@ -495,7 +495,9 @@ mod scaler_loop {
         assert_eq!(attempts.len(), 1, "{attempts:?}");
         assert_eq!((attempts[0].replicas, attempts[0].applied), (6, true));
         assert!(
-            attempts[0].reason.starts_with("panic: 40.0"),
+            attempts[0]
+                .reason
+                .starts_with("panic: 40 concurrent requests >= 2x"),
             "{}",
             attempts[0].reason
         );

@@ -140,6 +140,15 @@ fn since(now: Instant, then: Option<Instant>) -> Duration {
         .unwrap_or_default()
 }
 
+/// A number for a person: no decimals when whole, one otherwise.
+fn num(x: f64) -> String {
+    if (x - x.round()).abs() < 0.05 {
+        format!("{:.0}", x.round())
+    } else {
+        format!("{x:.1}")
+    }
+}
+
 /// How the metric and its unit read in a reason.
 fn unit(metric: Metric) -> &'static str {
     match metric {
@@ -248,11 +257,13 @@ impl Decider {
                 p.max_pods = p.max_pods.max(panic_pods);
                 let _ = write!(
                     reason,
-                    "panic: {panic_load:.1} {} {} {:.0}x the capacity of {} ready (x{per_replica:.1}); {} replicas",
+                    "panic: {} {} {} {}x the capacity of {} ready ({} each): {} replicas",
+                    num(panic_load),
                     unit(cfg.metric),
                     if over { ">=" } else { "was >=" },
-                    cfg.panic_threshold,
+                    num(cfg.panic_threshold),
                     obs.ready,
+                    num(per_replica),
                     p.max_pods
                 );
                 p.max_pods
@@ -260,9 +271,11 @@ impl Decider {
             None => {
                 let _ = write!(
                     reason,
-                    "{stable:.1} {} averaged over {}s / {per_replica:.1} per replica: {stable_pods} replicas",
+                    "{} {} averaged over {}s / {} per replica: {stable_pods} replicas",
+                    num(stable),
                     unit(cfg.metric),
-                    cfg.window.as_secs()
+                    cfg.window.as_secs(),
+                    num(per_replica)
                 );
                 // A scale-down never goes below what the panic window still needs: the
                 // stable average lags a rising load (after a panic on a ramp, say).
@@ -561,8 +574,9 @@ mod tests {
         assert!(d.panic, "{}", d.reason);
         assert_eq!(d.desired, 7, "ceil(46 / 7)");
         assert!(
-            d.reason
-                .starts_with("panic: 46.0 concurrent requests >= 2x"),
+            d.reason.starts_with(
+                "panic: 46 concurrent requests >= 2x the capacity of 2 ready (7 each): 7 replicas"
+            ),
             "{}",
             d.reason
         );
