@@ -1,0 +1,729 @@
+//! The proxy: one request from routing to the end of its response. Bodies stream both
+//! ways through small wrapper bodies (a size limit on the way in, in-flight accounting on
+//! the way out); upgrades become a byte tunnel; a connect failure is retried on another
+//! replica only while the request body is still untouched.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::Activator;
+use super::balancer::Lease;
+use super::error::ProxyError;
+use super::gate::{self, Admitted, Traffic};
+use super::routing::FunctionState;
+use crate::api::COLD_START_HEADER;
+use crate::api::hosts::normalize_host;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static COLD_START: HeaderName = HeaderName::from_static(COLD_START_HEADER);
+const ZEROSCALE_PREFIX: &str = "x-zeroscale-";
+
+/// What the proxy knows of a client connection, computed once per connection.
+pub(crate) struct ConnInfo {
+    peer_ip: HeaderValue,
+    trusted: bool,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(peer: SocketAddr, trusted_proxies: &[ipnet::IpNet]) -> Self {
+        let ip = peer.ip().to_canonical();
+        Self {
+            peer_ip: HeaderValue::try_from(ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            trusted: trusted_proxies.iter().any(|n| n.contains(&ip)),
+        }
+    }
+
+    #[cfg(test)]
+    fn for_test(ip: std::net::IpAddr, trusted: bool) -> Self {
+        Self {
+            peer_ip: HeaderValue::try_from(ip.to_string()).unwrap(),
+            trusted,
+        }
+    }
+}
+
+/// Serves one request: routes it, proxies it, and maps any failure to its answer.
+pub(crate) async fn handle(
+    act: &Arc<Activator>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some(host) = request_host(&req) else {
+        return ProxyError::BadRequest("missing or malformed Host").into_response();
+    };
+    let found = act.table().lookup(&host);
+    let Some(fs) = found else {
+        return ProxyError::UnknownHost(host).into_response();
+    };
+    let traffic = fs.traffic(&act.metrics);
+    let guard = RequestGuard::arrive(fs.clone(), traffic);
+    let resp = match forward(act, &fs, traffic, guard, conn, host, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            debug!(function = %fs.key, error = %e, "request answered by the activator");
+            e.into_response()
+        }
+    };
+    traffic
+        .metrics
+        .count_response(&fs.key, resp.status().as_u16());
+    resp
+}
+
+/// The host a request is for: `Host`, else the URI authority (HTTP/2), normalised.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    match req.headers().get(header::HOST) {
+        Some(h) => normalize_host(h.to_str().ok()?),
+        None => normalize_host(req.uri().authority()?.as_str()),
+    }
+}
+
+async fn forward(
+    act: &Arc<Activator>,
+    fs: &Arc<FunctionState>,
+    traffic: &Traffic,
+    mut guard: RequestGuard,
+    conn: &ConnInfo,
+    host: String,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let conf = fs.conf();
+    if let Some(reason) = &conf.invalid {
+        return Err(ProxyError::InvalidFunction {
+            key: fs.key.clone(),
+            reason: reason.clone(),
+        });
+    }
+    let limit = act.settings.max_body_bytes;
+    if content_length(req.headers()).is_some_and(|len| len > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let upgrade = upgrade_protocol(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    prepare_request_headers(&mut parts.headers, conn, &host, upgrade);
+    let body = BodySource::new(body, limit);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+
+    let deadline = guard.start + conf.activation;
+    let mut head = Some(parts);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let (resp, cold) = loop {
+        let Admitted { lease, cold } =
+            gate::admit(fs, traffic, &act.platform, deadline, &tried).await?;
+        let replica = lease.replica().clone();
+        guard.admitted(lease);
+        // Keep a copy of the head only while another replica could take a retry.
+        let last_chance = fs.replicas().len() <= tried.len() + 1;
+        let Some(parts) = (if last_chance {
+            head.take()
+        } else {
+            head.as_ref().map(clone_head)
+        }) else {
+            return Err(ProxyError::Unreachable {
+                key: fs.key.clone(),
+                attempts: tried.len(),
+            });
+        };
+        let mut up = Request::from_parts(parts, body.attempt());
+        *up.version_mut() = Version::HTTP_11;
+        *up.uri_mut() = Uri::from_parts({
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(http::uri::Scheme::HTTP);
+            p.authority = Some(replica.authority.clone());
+            p.path_and_query = Some(path.clone());
+            p
+        })
+        .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+
+        match tokio::time::timeout(conf.request, act.client.request(up)).await {
+            Err(_) => {
+                return Err(ProxyError::RequestTimeout {
+                    key: fs.key.clone(),
+                    timeout: conf.request,
+                });
+            }
+            Ok(Ok(resp)) => break (resp, cold),
+            Ok(Err(e)) => {
+                if is_body_too_large(&e) {
+                    return Err(ProxyError::BodyTooLarge { limit });
+                }
+                guard.release();
+                if e.is_connect() && body.untouched() {
+                    warn!(function = %fs.key, replica = %replica.addr, error = %e,
+                        "replica unreachable, trying another");
+                    tried.push(replica.addr);
+                    continue;
+                }
+                return Err(ProxyError::Upstream {
+                    key: fs.key.clone(),
+                    source: e,
+                });
+            }
+        }
+    };
+
+    let mut resp = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        let key = fs.key.clone();
+        tokio::spawn(async move {
+            // The tunnel counts as a request in flight until it closes.
+            let _guard = guard;
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        debug!(function = %key, error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => debug!(function = %key, error = %e, "upgrade failed"),
+            }
+        });
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    if cold {
+        parts
+            .headers
+            .insert(COLD_START.clone(), HeaderValue::from_static("true"));
+    }
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::upstream(body, guard),
+    ))
+}
+
+fn clone_head(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn is_body_too_large(e: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if matches!(err.downcast_ref::<BodyError>(), Some(BodyError::TooLarge)) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade`).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1): `Connection` and every header it names,
+/// and the fixed list. On an upgrade, `Connection: upgrade` and `Upgrade` stay.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    if let Some(listed) = connection_listed(headers) {
+        for name in listed {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+/// The header names listed in `Connection`, if any (allocates only when there are).
+fn connection_listed(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut out = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',') {
+            let t = t.trim();
+            if t.eq_ignore_ascii_case("close") || t.eq_ignore_ascii_case("keep-alive") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                out.push(name);
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Makes a client's request head fit to send on: hop-by-hop and `X-Zeroscale-*` headers
+/// removed, `X-Forwarded-*` set (the client's own kept only behind a trusted proxy),
+/// `Host` present.
+pub(crate) fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    conn: &ConnInfo,
+    host: &str,
+    upgrade: Option<HeaderValue>,
+) {
+    let original_host = headers.get(header::HOST).cloned();
+    strip_hop_by_hop(headers, false);
+    if headers
+        .keys()
+        .any(|k| k.as_str().starts_with(ZEROSCALE_PREFIX))
+    {
+        let ours: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(ZEROSCALE_PREFIX))
+            .cloned()
+            .collect();
+        for k in ours {
+            headers.remove(&k);
+        }
+    }
+
+    let host_value = original_host
+        .clone()
+        .or_else(|| HeaderValue::try_from(host).ok());
+    if conn.trusted {
+        let prior: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let xff = if prior.is_empty() {
+            conn.peer_ip.clone()
+        } else {
+            let mut joined = prior.join(&b", "[..]);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(conn.peer_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.peer_ip.clone())
+        };
+        headers.insert(X_FORWARDED_FOR.clone(), xff);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST)
+            && let Some(h) = &host_value
+        {
+            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+        }
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), conn.peer_ip.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        match &host_value {
+            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
+    if original_host.is_none()
+        && let Some(h) = host_value
+    {
+        headers.insert(header::HOST, h);
+    }
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+/// One request's presence in the activator's counters: from arrival to the end of its
+/// response body (or of its upgraded connection), with its replica slot once admitted.
+pub(crate) struct RequestGuard {
+    fs: Arc<FunctionState>,
+    start: Instant,
+    lease: Option<Lease>,
+}
+
+impl RequestGuard {
+    fn arrive(fs: Arc<FunctionState>, traffic: &Traffic) -> Self {
+        let start = Instant::now();
+        traffic.counters.arrive(start);
+        Self {
+            fs,
+            start,
+            lease: None,
+        }
+    }
+
+    fn traffic(&self) -> Option<&Traffic> {
+        self.fs.traffic_if_any()
+    }
+
+    fn admitted(&mut self, lease: Lease) {
+        if let Some(t) = self.traffic() {
+            t.counters
+                .in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.lease = Some(lease);
+    }
+
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            drop(lease);
+            if let Some(t) = self.traffic() {
+                t.counters
+                    .in_flight
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                // Room on a capped replica: let one queued request look.
+                if self.fs.conf().container_concurrency.is_some() {
+                    t.changed.notify_one();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.release();
+        if let Some(t) = self.traffic() {
+            let now = Instant::now();
+            t.counters.depart(now);
+            t.metrics
+                .duration
+                .observe(now.saturating_duration_since(self.start).as_secs_f64());
+        }
+    }
+}
+
+/// Why a request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("request body too large")]
+    TooLarge,
+    #[error("reading the request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+/// The client's body with a size limit enforced as it streams (chunked bodies too).
+pub(crate) struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > self.remaining {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    }
+                    self.remaining -= len;
+                }
+                Some(Ok(frame))
+            }
+            Some(Err(e)) => Some(Err(BodyError::Client(e))),
+            None => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body as handed to each upstream attempt. An empty body is trivially
+/// resent; a streaming one lives in a shared slot until the first attempt reads it, so a
+/// connect failure (nothing read) can hand it to the next attempt.
+pub(crate) enum UpstreamBody {
+    Empty,
+    Pending(Arc<Mutex<Option<LimitedBody>>>),
+    Taken(LimitedBody),
+    Done,
+}
+
+/// The request body's source, kept by the proxy across attempts.
+struct BodySource(Option<Arc<Mutex<Option<LimitedBody>>>>);
+
+impl BodySource {
+    fn new(body: Incoming, limit: u64) -> Self {
+        if body.is_end_stream() {
+            Self(None)
+        } else {
+            Self(Some(Arc::new(Mutex::new(Some(LimitedBody {
+                inner: body,
+                remaining: limit,
+            })))))
+        }
+    }
+
+    fn attempt(&self) -> UpstreamBody {
+        match &self.0 {
+            None => UpstreamBody::Empty,
+            Some(slot) => UpstreamBody::Pending(slot.clone()),
+        }
+    }
+
+    /// No attempt has read from the body yet.
+    fn untouched(&self) -> bool {
+        match &self.0 {
+            None => true,
+            Some(slot) => slot.lock().map(|s| s.is_some()).unwrap_or(false),
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            match &mut *self {
+                UpstreamBody::Empty | UpstreamBody::Done => return Poll::Ready(None),
+                UpstreamBody::Pending(slot) => {
+                    let taken = slot.lock().ok().and_then(|mut s| s.take());
+                    *self = match taken {
+                        Some(b) => UpstreamBody::Taken(b),
+                        None => UpstreamBody::Done,
+                    };
+                }
+                UpstreamBody::Taken(b) => return Pin::new(b).poll_frame(cx),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Empty | UpstreamBody::Done => true,
+            UpstreamBody::Pending(slot) => slot
+                .lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|b| b.is_end_stream()))
+                .unwrap_or(true),
+            UpstreamBody::Taken(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Empty | UpstreamBody::Done => SizeHint::with_exact(0),
+            UpstreamBody::Pending(slot) => slot
+                .lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|b| b.size_hint()))
+                .unwrap_or_default(),
+            UpstreamBody::Taken(b) => b.size_hint(),
+        }
+    }
+}
+
+/// What the activator answers with: its own short bodies, or a replica's response body
+/// streamed through, holding the request's accounting until it ends.
+pub(crate) enum ProxyBody {
+    Full(Full<Bytes>),
+    Empty,
+    Upstream {
+        body: Incoming,
+        guard: Option<RequestGuard>,
+    },
+}
+
+impl ProxyBody {
+    pub(crate) fn full(body: Full<Bytes>) -> Self {
+        Self::Full(body)
+    }
+    fn empty() -> Self {
+        Self::Empty
+    }
+    fn upstream(body: Incoming, guard: RequestGuard) -> Self {
+        Self::Upstream {
+            body,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut *self {
+            ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Upstream { body, guard } => {
+                let frame = ready!(Pin::new(body).poll_frame(cx));
+                if !matches!(frame, Some(Ok(_))) {
+                    // Ended or broken: the request is over now, not when hyper drops us.
+                    guard.take();
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_end_stream(),
+            ProxyBody::Empty => true,
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => b.size_hint(),
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("upgrade", "h2c"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof_forwarding_headers() {
+        let conn = ConnInfo::for_test("192.0.2.7".parse().unwrap(), false);
+        let mut h = headers(&[
+            ("host", "f.ns"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-zeroscale-cold-start", "true"),
+        ]);
+        prepare_request_headers(&mut h, &conn, "f.ns", None);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-host"], "f.ns");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-zeroscale-cold-start"));
+    }
+
+    #[test]
+    fn trusted_proxy_chain_is_extended() {
+        let conn = ConnInfo::for_test("10.0.0.9".parse().unwrap(), true);
+        let mut h = headers(&[
+            ("host", "f.ns"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        prepare_request_headers(&mut h, &conn, "f.ns", None);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "f.ns");
+    }
+
+    #[test]
+    fn upgrade_headers_survive_on_upgrades() {
+        let conn = ConnInfo::for_test("192.0.2.7".parse().unwrap(), false);
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        prepare_request_headers(
+            &mut h,
+            &conn,
+            "f.ns",
+            Some(HeaderValue::from_static("websocket")),
+        );
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["host"], "f.ns");
+    }
+}
