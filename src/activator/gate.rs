@@ -84,12 +84,12 @@ impl Drop for QueueSlot<'_> {
 /// in the queue until one does, `deadline` passes, or the Function is known not to start.
 pub(crate) async fn admit(
     fs: &Arc<FunctionState>,
+    conf: &Conf,
     traffic: &Traffic,
     platform: &Arc<dyn Platform>,
     deadline: Instant,
     tried: &[SocketAddr],
 ) -> Result<Admitted, ProxyError> {
-    let conf = fs.conf();
     // Fast path. With a concurrency cap, queued requests go first.
     if conf.container_concurrency.is_none() || traffic.counters.queued.load(Ordering::SeqCst) == 0 {
         match balancer::pick(&fs.replicas(), conf.container_concurrency, tried) {
@@ -107,7 +107,7 @@ pub(crate) async fn admit(
         }
     }
 
-    let _slot = QueueSlot::enter(traffic, &conf, fs)?;
+    let _slot = QueueSlot::enter(traffic, conf, fs)?;
     let mut cold = false;
     let timeout = tokio::time::sleep_until(deadline);
     tokio::pin!(timeout);

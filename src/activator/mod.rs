@@ -46,7 +46,7 @@ use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, AdminRoute, Readiness};
 
 use self::proxy::{ConnInfo, UpstreamBody};
-use self::routing::Table;
+use self::routing::{Conf, Table};
 use self::stats::Metrics;
 
 /// Errors of the activator.
@@ -338,16 +338,26 @@ impl Activator {
     }
 
     fn on_function_event(&self, ev: FunctionEvent) {
+        // Specs are resolved before the table is locked, so requests never wait on it.
         let defaults = &self.settings.defaults;
         let deleted = match ev {
             FunctionEvent::Applied(f) => {
-                self.table_mut().apply(&f, defaults);
+                let conf = Conf::resolve(&f, defaults);
+                self.table_mut().apply(&f, conf);
                 Vec::new()
             }
             FunctionEvent::Deleted(key) => self.table_mut().delete(&key).into_iter().collect(),
             FunctionEvent::Reset(all) => {
-                let deleted = self.table_mut().reset(&all, defaults);
-                info!(functions = all.len(), "Functions listed");
+                let n = all.len();
+                let resolved = all
+                    .into_iter()
+                    .map(|f| {
+                        let conf = Conf::resolve(&f, defaults);
+                        (f, conf)
+                    })
+                    .collect();
+                let deleted = self.table_mut().reset(resolved);
+                info!(functions = n, "Functions listed");
                 self.synced.send_modify(|v| *v |= 1);
                 deleted
             }

@@ -22,7 +22,7 @@ use super::Activator;
 use super::balancer::Lease;
 use super::error::ProxyError;
 use super::gate::{self, Admitted, Traffic};
-use super::routing::FunctionState;
+use super::routing::{Conf, FunctionState};
 use crate::api::COLD_START_HEADER;
 use crate::api::hosts::normalize_host;
 
@@ -73,8 +73,9 @@ pub(crate) async fn handle(
         return ProxyError::UnknownHost(host).into_response();
     };
     let traffic = fs.traffic(&act.metrics);
-    let guard = RequestGuard::arrive(fs.clone(), traffic);
-    let resp = match forward(act, &fs, traffic, guard, conn, host, req).await {
+    let conf = fs.conf();
+    let guard = RequestGuard::arrive(fs.clone(), traffic, conf.container_concurrency.is_some());
+    let resp = match forward(act, &fs, &conf, traffic, guard, conn, host, req).await {
         Ok(resp) => resp,
         Err(e) => {
             debug!(function = %fs.key, error = %e, "request answered by the activator");
@@ -95,16 +96,17 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     act: &Arc<Activator>,
     fs: &Arc<FunctionState>,
+    conf: &Conf,
     traffic: &Traffic,
     mut guard: RequestGuard,
     conn: &ConnInfo,
     host: String,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let conf = fs.conf();
     if let Some(reason) = &conf.invalid {
         return Err(ProxyError::InvalidFunction {
             key: fs.key.clone(),
@@ -131,7 +133,7 @@ async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let (resp, cold) = loop {
         let Admitted { lease, cold } =
-            gate::admit(fs, traffic, &act.platform, deadline, &tried).await?;
+            gate::admit(fs, conf, traffic, &act.platform, deadline, &tried).await?;
         let replica = lease.replica().clone();
         guard.admitted(lease);
         // Keep a copy of the head only while another replica could take a retry.
@@ -212,6 +214,8 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    // Only the activator says whether a response waited for a wake.
+    parts.headers.remove(&COLD_START);
     if cold {
         parts
             .headers
@@ -391,16 +395,19 @@ pub(crate) struct RequestGuard {
     fs: Arc<FunctionState>,
     start: Instant,
     lease: Option<Lease>,
+    /// Replicas have a concurrency cap: a freed slot may let a queued request go.
+    capped: bool,
 }
 
 impl RequestGuard {
-    fn arrive(fs: Arc<FunctionState>, traffic: &Traffic) -> Self {
+    fn arrive(fs: Arc<FunctionState>, traffic: &Traffic, capped: bool) -> Self {
         let start = Instant::now();
         traffic.counters.arrive(start);
         Self {
             fs,
             start,
             lease: None,
+            capped,
         }
     }
 
@@ -425,7 +432,7 @@ impl RequestGuard {
                     .in_flight
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 // Room on a capped replica: let one queued request look.
-                if self.fs.conf().container_concurrency.is_some() {
+                if self.capped {
                     t.changed.notify_one();
                 }
             }

@@ -206,17 +206,23 @@ impl Table {
             .map_or(0, |r| r.in_flight())
     }
 
-    /// A Function was created or changed. Returns whether routing changed.
-    pub(crate) fn apply(&mut self, f: &Function, defaults: &Defaults) {
+    /// A Function was created or changed.
+    pub(crate) fn apply(&mut self, f: &Function, conf: Conf) {
+        if self.apply_entry(f, conf) {
+            self.rebuild_extra_hosts();
+        }
+    }
+
+    /// Applies one Function; returns whether the claims of extra hosts need a rebuild.
+    fn apply_entry(&mut self, f: &Function, conf: Conf) -> bool {
         let key = f.key();
-        let conf = Conf::resolve(f, defaults);
         if let Some(reason) = &conf.invalid {
             warn!(function = %key, %reason, "invalid Function: requests get 503");
         }
         let created = f.creation_timestamp().map(|t| t.0);
         let hosts = f.spec.hosts.clone();
         let name = short_host(&key);
-        let rebuild = match self.functions.get_mut(&name) {
+        match self.functions.get_mut(&name) {
             Some(e) => {
                 e.state.set_conf(conf);
                 let routing_changed = e.created != created || e.hosts != hosts;
@@ -241,14 +247,19 @@ impl Table {
                 );
                 rebuild
             }
-        };
-        if rebuild {
-            self.rebuild_extra_hosts();
         }
     }
 
     /// A Function was deleted: its waiting requests fail and its state leaves the table.
     pub(crate) fn delete(&mut self, key: &FunctionKey) -> Option<Arc<FunctionState>> {
+        let (state, had_hosts) = self.delete_entry(key)?;
+        if had_hosts {
+            self.rebuild_extra_hosts();
+        }
+        Some(state)
+    }
+
+    fn delete_entry(&mut self, key: &FunctionKey) -> Option<(Arc<FunctionState>, bool)> {
         let e = self.functions.remove(&short_host(key))?;
         e.state.deleted.store(true, Ordering::Release);
         e.state.changed();
@@ -265,29 +276,31 @@ impl Table {
         if !eps.is_empty() {
             self.pending_endpoints.insert(key.clone(), eps);
         }
-        if !e.hosts.is_empty() {
-            self.rebuild_extra_hosts();
-        }
-        Some(e.state)
+        Some((e.state, !e.hosts.is_empty()))
     }
 
-    /// The complete set of Functions after a (re-)list. Returns the deleted ones.
+    /// The complete set of Functions (with their resolved settings) after a (re-)list.
+    /// Returns the deleted ones.
     pub(crate) fn reset(
         &mut self,
-        functions: &[Arc<Function>],
-        defaults: &Defaults,
+        functions: Vec<(Arc<Function>, Conf)>,
     ) -> Vec<Arc<FunctionState>> {
-        let keep: std::collections::HashSet<Box<str>> =
-            functions.iter().map(|f| short_host(&f.key())).collect();
+        let keep: std::collections::HashSet<Box<str>> = functions
+            .iter()
+            .map(|(f, _)| short_host(&f.key()))
+            .collect();
         let gone: Vec<FunctionKey> = self
             .functions
             .iter()
             .filter(|(name, _)| !keep.contains(*name))
             .map(|(_, e)| e.state.key.clone())
             .collect();
-        let deleted = gone.iter().filter_map(|k| self.delete(k)).collect();
-        for f in functions {
-            self.apply(f, defaults);
+        let deleted = gone
+            .iter()
+            .filter_map(|k| self.delete_entry(k).map(|(state, _)| state))
+            .collect();
+        for (f, conf) in functions {
+            self.apply_entry(&f, conf);
         }
         self.rebuild_extra_hosts();
         deleted
@@ -295,6 +308,11 @@ impl Table {
 
     /// The ready endpoints of one Function, all of them.
     pub(crate) fn set_endpoints(&mut self, key: &FunctionKey, endpoints: &[Endpoint]) {
+        self.set_endpoints_entry(key, endpoints);
+        self.replicas_by_addr.retain(|_, w| w.strong_count() > 0);
+    }
+
+    fn set_endpoints_entry(&mut self, key: &FunctionKey, endpoints: &[Endpoint]) {
         let replicas = self.replicas_for(endpoints);
         match self.functions.get(&short_host(key)) {
             Some(e) => {
@@ -324,11 +342,12 @@ impl Table {
             .collect();
         self.pending_endpoints.clear();
         for k in unlisted {
-            self.set_endpoints(&k, &[]);
+            self.set_endpoints_entry(&k, &[]);
         }
         for (k, eps) in all {
-            self.set_endpoints(k, eps);
+            self.set_endpoints_entry(k, eps);
         }
+        self.replicas_by_addr.retain(|_, w| w.strong_count() > 0);
     }
 
     /// Replicas for endpoints, reusing the live one of an address so its in-flight count
@@ -418,6 +437,10 @@ mod tests {
         f
     }
 
+    fn apply(t: &mut Table, f: &Function) {
+        t.apply(f, Conf::resolve(f, &Defaults::default()));
+    }
+
     fn routed(t: &Table, host: &str) -> Option<String> {
         t.lookup(host).map(|s| s.key.to_string())
     }
@@ -425,9 +448,9 @@ mod tests {
     #[test]
     fn service_names_and_extra_hosts_route() {
         let mut t = Table::new("cluster.local");
-        t.apply(
+        apply(
+            &mut t,
             &function("default", "hello", 10, &["hello.example.com"]),
-            &Defaults::default(),
         );
         for h in [
             "hello.default",
@@ -444,9 +467,8 @@ mod tests {
     #[test]
     fn older_function_keeps_a_contested_host_and_deletion_hands_it_over() {
         let mut t = Table::new("cluster.local");
-        let d = Defaults::default();
-        t.apply(&function("b", "new", 5, &["api.example.com"]), &d);
-        t.apply(&function("a", "old", 100, &["api.example.com"]), &d);
+        apply(&mut t, &function("b", "new", 5, &["api.example.com"]));
+        apply(&mut t, &function("a", "old", 100, &["api.example.com"]));
         assert_eq!(routed(&t, "api.example.com").as_deref(), Some("a/old"));
         t.delete(&FunctionKey::new("a", "old"));
         assert_eq!(routed(&t, "api.example.com").as_deref(), Some("b/new"));
@@ -456,8 +478,10 @@ mod tests {
     fn reset_replaces_everything() {
         let mut t = Table::new("cluster.local");
         let d = Defaults::default();
-        t.apply(&function("ns", "a", 5, &["a.example.com"]), &d);
-        let gone = t.reset(&[Arc::new(function("ns", "b", 5, &[]))], &d);
+        apply(&mut t, &function("ns", "a", 5, &["a.example.com"]));
+        let b = function("ns", "b", 5, &[]);
+        let conf = Conf::resolve(&b, &d);
+        let gone = t.reset(vec![(Arc::new(b), conf)]);
         assert_eq!(gone.len(), 1);
         assert!(gone[0].is_deleted());
         assert_eq!(routed(&t, "a.ns"), None);
@@ -474,7 +498,7 @@ mod tests {
             name: "f-1".into(),
         };
         t.set_endpoints(&key, std::slice::from_ref(&ep));
-        t.apply(&function("ns", "f", 1, &[]), &Defaults::default());
+        apply(&mut t, &function("ns", "f", 1, &[]));
         let s = t.lookup("f.ns").unwrap();
         assert_eq!(s.replicas().len(), 1);
         t.reset_endpoints(&[]);
@@ -487,7 +511,7 @@ mod tests {
         let mut f = function("ns", "bad", 1, &[]);
         f.spec.scale =
             Some(serde_json::from_value(serde_json::json!({"min": 5, "max": 2})).unwrap());
-        t.apply(&f, &Defaults::default());
+        apply(&mut t, &f);
         let s = t.lookup("bad.ns").unwrap();
         assert!(
             s.conf()
