@@ -39,7 +39,7 @@ static ALLOCATOR: Counting = Counting;
 const FUNCTIONS: usize = 10_000;
 
 fn function(i: usize) -> Function {
-    let hosts: Vec<String> = if i % 10 == 0 {
+    let hosts: Vec<String> = if i.is_multiple_of(10) {
         vec![format!("fn-{i}.example.com")]
     } else {
         vec![]
