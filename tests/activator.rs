@@ -1047,3 +1047,96 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_does_not_answer_within_the_request_timeout_is_504() {
+    let replica = backend(|_req| async {
+        futures::future::pending::<()>().await;
+        Response::new(empty())
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "stuck",
+        serde_json::json!({"timeouts": {"request": "3s"}}),
+    ));
+    platform.set_endpoints(&key("stuck"), vec![endpoint(replica)]);
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(3600),
+        ..Settings::default()
+    };
+    let h = start_with(platform, settings).await;
+    let started = Instant::now();
+    let resp = h.get("stuck.default").await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    eventually("the request to leave the counters", || {
+        h.stats("stuck").is_some_and(|s| s.in_flight == 0)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_too_slow_to_send_its_head_is_disconnected() {
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(2),
+        ..Settings::default()
+    };
+    let h = start_with(MemoryPlatform::new(), settings).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 408"), "{out}");
+}
+
+#[tokio::test]
+async fn a_request_body_survives_a_retry_after_a_connect_failure() {
+    let replica = backend(|req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(text(body))
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("retry", serde_json::json!({})));
+    platform.set_endpoints(
+        &key("retry"),
+        vec![
+            endpoint(dead_addr().await),
+            endpoint(dead_addr().await),
+            endpoint(replica),
+        ],
+    );
+    let h = start(platform).await;
+    for i in 0..10 {
+        let chunks = futures::stream::iter(
+            ["part one, ", "part two"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c)))),
+        );
+        let req = Request::post(format!("http://{}/", h.addr))
+            .header("host", "retry.default")
+            .body(BoxBody::new(StreamBody::new(chunks)))
+            .unwrap();
+        let resp = h.send(req).await;
+        assert_eq!(resp.status(), StatusCode::OK, "attempt {i}");
+        assert_eq!(body_text(resp).await, "part one, part two");
+    }
+}
+
+#[tokio::test]
+async fn a_relist_is_the_truth() {
+    let replica = hello_backend("ok").await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("stays", serde_json::json!({})));
+    platform.set_endpoints(&key("stays"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    assert_eq!(h.get("stays.default").await.status(), StatusCode::OK);
+    h.platform.relist();
+    assert_eq!(h.get("stays.default").await.status(), StatusCode::OK);
+    assert_eq!(h.activator.function_count(), 1);
+}

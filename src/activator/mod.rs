@@ -430,3 +430,49 @@ impl Activator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn flags_parse_into_typed_settings() {
+        let c = Cli::try_parse_from([
+            "activator",
+            "--listen",
+            "127.0.0.1:8081",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.168.1.7",
+            "--drain-timeout",
+            "5s",
+            "--header-read-timeout",
+            "1m",
+            "--max-body-bytes",
+            "1024",
+            "--cluster-domain",
+            "example.internal",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(c.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(
+            c.trusted_proxies,
+            vec![
+                "10.0.0.0/8".parse::<ipnet::IpNet>().unwrap(),
+                "192.168.1.7/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_body_bytes, 1024);
+        assert_eq!(c.shared.cluster_domain, "example.internal");
+        assert!(Cli::try_parse_from(["activator", "--trusted-proxies", "nonsense"]).is_err());
+    }
+}
