@@ -16,7 +16,7 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::Activator;
 use super::balancer::Lease;
@@ -75,7 +75,11 @@ pub(crate) async fn handle(
     let traffic = fs.traffic(&act.metrics);
     let conf = fs.conf();
     let guard = RequestGuard::arrive(fs.clone(), traffic, conf.container_concurrency.is_some());
-    let resp = match forward(act, &fs, &conf, traffic, guard, conn, host, req).await {
+    let span = tracing::debug_span!("request", function = %fs.key, method = %req.method());
+    let resp = match forward(act, &fs, &conf, traffic, guard, conn, host, req)
+        .instrument(span)
+        .await
+    {
         Ok(resp) => resp,
         Err(e) => {
             debug!(function = %fs.key, error = %e, "request answered by the activator");
@@ -131,9 +135,13 @@ async fn forward(
     let deadline = guard.start + conf.activation;
     let mut head = Some(parts);
     let mut tried: Vec<SocketAddr> = Vec::new();
-    let (resp, cold) = loop {
-        let Admitted { lease, cold } =
-            gate::admit(fs, conf, traffic, &act.platform, deadline, &tried).await?;
+    let mut cold = false;
+    let resp = loop {
+        let Admitted {
+            lease,
+            cold: waited,
+        } = gate::admit(fs, conf, traffic, &act.platform, deadline, &tried).await?;
+        cold |= waited;
         let replica = lease.replica().clone();
         guard.admitted(lease);
         // Keep a copy of the head only while another replica could take a retry.
@@ -166,7 +174,7 @@ async fn forward(
                     timeout: conf.request,
                 });
             }
-            Ok(Ok(resp)) => break (resp, cold),
+            Ok(Ok(resp)) => break resp,
             Ok(Err(e)) => {
                 if is_body_too_large(&e) {
                     return Err(ProxyError::BodyTooLarge { limit });
