@@ -1140,3 +1140,36 @@ async fn a_relist_is_the_truth() {
     assert_eq!(h.get("stays.default").await.status(), StatusCode::OK);
     assert_eq!(h.activator.function_count(), 1);
 }
+
+#[tokio::test]
+async fn a_replica_closing_kept_alive_connections_does_not_fail_requests() {
+    // A replica that answers one request per connection and closes it without saying so.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("oneshot", serde_json::json!({})));
+    platform.set_endpoints(&key("oneshot"), vec![endpoint(addr)]);
+    let h = start(platform).await;
+    for i in 0..50 {
+        let resp = h.get("oneshot.default").await;
+        assert_eq!(resp.status(), StatusCode::OK, "request {i}");
+        assert_eq!(body_text(resp).await, "ok");
+    }
+}

@@ -6,27 +6,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::uri::Authority;
 use rand::Rng;
+
+use super::pool::IdleConns;
 
 /// One ready replica of a Function. Shared by every request sent to it and kept alive by
 /// them after it leaves the ready set, so its in-flight count stays true while it drains.
 #[derive(Debug)]
 pub(crate) struct Replica {
     pub(crate) addr: SocketAddr,
-    pub(crate) authority: Authority,
     in_flight: AtomicU64,
+    /// Keep-alive connections to it.
+    pub(crate) idle: IdleConns,
 }
 
 impl Replica {
     pub(crate) fn new(addr: SocketAddr) -> Arc<Self> {
-        // A SocketAddr always renders as a valid authority; fall back defensively.
-        let authority = Authority::try_from(addr.to_string().as_str())
-            .unwrap_or_else(|_| Authority::from_static("invalid"));
         Arc::new(Self {
             addr,
-            authority,
             in_flight: AtomicU64::new(0),
+            idle: IdleConns::default(),
         })
     }
 

@@ -37,7 +37,7 @@ pub(crate) enum ProxyError {
     Upstream {
         key: FunctionKey,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     #[error("Function {key} did not answer within {timeout:?}")]
     RequestTimeout { key: FunctionKey, timeout: Duration },

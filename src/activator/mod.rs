@@ -14,6 +14,7 @@
 mod balancer;
 mod error;
 mod gate;
+mod pool;
 mod proxy;
 mod routing;
 mod stats;
@@ -29,8 +30,6 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -45,7 +44,7 @@ use crate::platform::{EndpointsEvent, FunctionEvent, Platform};
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, AdminRoute, Readiness};
 
-use self::proxy::{ConnInfo, UpstreamBody};
+use self::proxy::ConnInfo;
 use self::routing::{Conf, Table};
 use self::stats::Metrics;
 
@@ -211,7 +210,6 @@ pub struct Activator {
     platform: Arc<dyn Platform>,
     table: RwLock<Table>,
     metrics: Metrics,
-    client: Client<HttpConnector, UpstreamBody>,
     /// Bit 0: Functions listed; bit 1: endpoints listed.
     synced: watch::Sender<u8>,
 }
@@ -224,20 +222,11 @@ impl Activator {
         registry: &prometheus::Registry,
     ) -> crate::Result<Arc<Self>> {
         let metrics = Metrics::new(registry).map_err(Error::from)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .build(connector);
         Ok(Arc::new(Self {
             table: RwLock::new(Table::new(&settings.cluster_domain)),
             settings,
             platform,
             metrics,
-            client,
             synced: watch::Sender::new(0),
         }))
     }

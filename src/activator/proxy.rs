@@ -6,7 +6,7 @@
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use super::Activator;
 use super::balancer::Lease;
 use super::error::ProxyError;
 use super::gate::{self, Admitted, Traffic};
+use super::pool;
 use super::routing::{Conf, FunctionState};
 use crate::api::COLD_START_HEADER;
 use crate::api::hosts::normalize_host;
@@ -74,7 +75,12 @@ pub(crate) async fn handle(
     };
     let traffic = fs.traffic(&act.metrics);
     let conf = fs.conf();
-    let guard = RequestGuard::arrive(fs.clone(), traffic, conf.container_concurrency.is_some());
+    let guard = RequestGuard::arrive(
+        fs.clone(),
+        traffic,
+        conf.container_concurrency.is_some(),
+        act.settings.pool_idle_timeout,
+    );
     let span = tracing::debug_span!("request", function = %fs.key, method = %req.method());
     let resp = match forward(act, &fs, &conf, traffic, guard, conn, host, req)
         .instrument(span)
@@ -125,18 +131,23 @@ async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts.headers, conn, &host, upgrade);
-    let body = BodySource::new(body, limit);
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let mut up = Request::from_parts(parts, UpstreamBody::new(body, limit));
+    *up.version_mut() = Version::HTTP_11;
+    // Origin-form on the wire, whatever form the client used.
+    *up.uri_mut() = Uri::from(path);
 
     let deadline = guard.start + conf.activation;
-    let mut head = Some(parts);
     let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut stale = 0;
     let mut cold = false;
-    let resp = loop {
+    // `up` is only ever handed to a replica connection; each failure before it was
+    // written gives it back, so a retry resends the same request, body untouched.
+    let (resp, upstream) = loop {
         let Admitted {
             lease,
             cold: waited,
@@ -144,52 +155,48 @@ async fn forward(
         cold |= waited;
         let replica = lease.replica().clone();
         guard.admitted(lease);
-        // Keep a copy of the head only while another replica could take a retry.
-        let last_chance = fs.replicas().len() <= tried.len() + 1;
-        let Some(parts) = (if last_chance {
-            head.take()
-        } else {
-            head.as_ref().map(clone_head)
-        }) else {
-            return Err(ProxyError::Unreachable {
-                key: fs.key.clone(),
-                attempts: tried.len(),
-            });
-        };
-        let mut up = Request::from_parts(parts, body.attempt());
-        *up.version_mut() = Version::HTTP_11;
-        *up.uri_mut() = Uri::from_parts({
-            let mut p = http::uri::Parts::default();
-            p.scheme = Some(http::uri::Scheme::HTTP);
-            p.authority = Some(replica.authority.clone());
-            p.path_and_query = Some(path.clone());
-            p
-        })
-        .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
 
-        match tokio::time::timeout(conf.request, act.client.request(up)).await {
+        let (mut upstream, pooled) = match replica.idle.checkout() {
+            Some(c) => (c, true),
+            None => match pool::connect(replica.addr, act.settings.connect_timeout).await {
+                Ok(c) => (c, false),
+                Err(e) => {
+                    warn!(function = %fs.key, error = %e, "replica unreachable, trying another");
+                    guard.release();
+                    tried.push(replica.addr);
+                    continue;
+                }
+            },
+        };
+        match tokio::time::timeout(conf.request, upstream.try_send_request(up)).await {
             Err(_) => {
                 return Err(ProxyError::RequestTimeout {
                     key: fs.key.clone(),
                     timeout: conf.request,
                 });
             }
-            Ok(Ok(resp)) => break resp,
-            Ok(Err(e)) => {
-                if is_body_too_large(&e) {
+            Ok(Ok(resp)) => break (resp, upstream),
+            Ok(Err(mut e)) => {
+                if is_body_too_large(e.error()) {
                     return Err(ProxyError::BodyTooLarge { limit });
                 }
                 guard.release();
-                if e.is_connect() && body.untouched() {
-                    warn!(function = %fs.key, replica = %replica.addr, error = %e,
-                        "replica unreachable, trying another");
+                let Some(unsent) = e.take_message() else {
+                    return Err(ProxyError::Upstream {
+                        key: fs.key.clone(),
+                        source: e.into_error(),
+                    });
+                };
+                up = unsent;
+                if pooled && stale < MAX_STALE_RETRIES {
+                    // A kept-alive connection the replica had closed: try a fresh one.
+                    debug!(function = %fs.key, error = %e.error(), "stale pooled connection");
+                    stale += 1;
+                } else {
+                    warn!(function = %fs.key, replica = %replica.addr, error = %e.error(),
+                        "replica failed before the request was sent, trying another");
                     tried.push(replica.addr);
-                    continue;
                 }
-                return Err(ProxyError::Upstream {
-                    key: fs.key.clone(),
-                    source: e,
-                });
             }
         }
     };
@@ -229,19 +236,15 @@ async fn forward(
             .headers
             .insert(COLD_START.clone(), HeaderValue::from_static("true"));
     }
+    guard.upstream = Some(upstream);
     Ok(Response::from_parts(
         parts,
         ProxyBody::upstream(body, guard),
     ))
 }
 
-fn clone_head(p: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = p.method.clone();
-    *req.uri_mut() = p.uri.clone();
-    *req.headers_mut() = p.headers.clone();
-    req.into_parts().0
-}
+/// Retries of a request on fresh connections after pooled ones turned out closed.
+const MAX_STALE_RETRIES: u32 = 3;
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -405,10 +408,20 @@ pub(crate) struct RequestGuard {
     lease: Option<Lease>,
     /// Replicas have a concurrency cap: a freed slot may let a queued request go.
     capped: bool,
+    /// The connection the response arrives on; back to the pool once it is read.
+    upstream: Option<pool::Conn>,
+    /// The response was read to the end, so its connection can be reused.
+    completed: bool,
+    idle_timeout: std::time::Duration,
 }
 
 impl RequestGuard {
-    fn arrive(fs: Arc<FunctionState>, traffic: &Traffic, capped: bool) -> Self {
+    fn arrive(
+        fs: Arc<FunctionState>,
+        traffic: &Traffic,
+        capped: bool,
+        idle_timeout: std::time::Duration,
+    ) -> Self {
         let start = Instant::now();
         traffic.counters.arrive(start);
         Self {
@@ -416,6 +429,9 @@ impl RequestGuard {
             start,
             lease: None,
             capped,
+            upstream: None,
+            completed: false,
+            idle_timeout,
         }
     }
 
@@ -434,6 +450,11 @@ impl RequestGuard {
 
     fn release(&mut self) {
         if let Some(lease) = self.lease.take() {
+            if let Some(conn) = self.upstream.take()
+                && self.completed
+            {
+                lease.replica().idle.checkin(conn, self.idle_timeout);
+            }
             drop(lease);
             if let Some(t) = self.traffic() {
                 t.counters
@@ -510,43 +531,18 @@ impl Body for LimitedBody {
     }
 }
 
-/// The request body as handed to each upstream attempt. An empty body is trivially
-/// resent; a streaming one lives in a shared slot until the first attempt reads it, so a
-/// connect failure (nothing read) can hand it to the next attempt.
-pub(crate) enum UpstreamBody {
-    Empty,
-    Pending(Arc<Mutex<Option<LimitedBody>>>),
-    Taken(LimitedBody),
-    Done,
-}
+/// The request body as sent to a replica (nothing to send for an empty one).
+pub(crate) struct UpstreamBody(Option<LimitedBody>);
 
-/// The request body's source, kept by the proxy across attempts.
-struct BodySource(Option<Arc<Mutex<Option<LimitedBody>>>>);
-
-impl BodySource {
+impl UpstreamBody {
     fn new(body: Incoming, limit: u64) -> Self {
         if body.is_end_stream() {
             Self(None)
         } else {
-            Self(Some(Arc::new(Mutex::new(Some(LimitedBody {
+            Self(Some(LimitedBody {
                 inner: body,
                 remaining: limit,
-            })))))
-        }
-    }
-
-    fn attempt(&self) -> UpstreamBody {
-        match &self.0 {
-            None => UpstreamBody::Empty,
-            Some(slot) => UpstreamBody::Pending(slot.clone()),
-        }
-    }
-
-    /// No attempt has read from the body yet.
-    fn untouched(&self) -> bool {
-        match &self.0 {
-            None => true,
-            Some(slot) => slot.lock().map(|s| s.is_some()).unwrap_or(false),
+            }))
         }
     }
 }
@@ -559,43 +555,20 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        loop {
-            match &mut *self {
-                UpstreamBody::Empty | UpstreamBody::Done => return Poll::Ready(None),
-                UpstreamBody::Pending(slot) => {
-                    let taken = slot.lock().ok().and_then(|mut s| s.take());
-                    *self = match taken {
-                        Some(b) => UpstreamBody::Taken(b),
-                        None => UpstreamBody::Done,
-                    };
-                }
-                UpstreamBody::Taken(b) => return Pin::new(b).poll_frame(cx),
-            }
+        match &mut self.0 {
+            None => Poll::Ready(None),
+            Some(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty | UpstreamBody::Done => true,
-            UpstreamBody::Pending(slot) => slot
-                .lock()
-                .ok()
-                .and_then(|s| s.as_ref().map(|b| b.is_end_stream()))
-                .unwrap_or(true),
-            UpstreamBody::Taken(b) => b.is_end_stream(),
-        }
+        self.0.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty | UpstreamBody::Done => SizeHint::with_exact(0),
-            UpstreamBody::Pending(slot) => slot
-                .lock()
-                .ok()
-                .and_then(|s| s.as_ref().map(|b| b.size_hint()))
-                .unwrap_or_default(),
-            UpstreamBody::Taken(b) => b.size_hint(),
-        }
+        self.0
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -617,10 +590,23 @@ impl ProxyBody {
     fn empty() -> Self {
         Self::Empty
     }
-    fn upstream(body: Incoming, guard: RequestGuard) -> Self {
+    fn upstream(body: Incoming, mut guard: RequestGuard) -> Self {
+        guard.completed = body.is_end_stream();
         Self::Upstream {
             body,
             guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let ProxyBody::Upstream {
+            body,
+            guard: Some(g),
+        } = self
+        {
+            g.completed = body.is_end_stream();
         }
     }
 }
@@ -637,10 +623,18 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Upstream { body, guard } => {
-                let frame = ready!(Pin::new(body).poll_frame(cx));
-                if !matches!(frame, Some(Ok(_))) {
-                    // Ended or broken: the request is over now, not when hyper drops us.
-                    guard.take();
+                let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
+                match &frame {
+                    // Read to the end (hyper may not poll again after a body of known
+                    // length): the connection can take the next request.
+                    Some(Ok(_)) if !body.is_end_stream() => {}
+                    Some(Ok(_)) | None => {
+                        if let Some(mut g) = guard.take() {
+                            g.completed = true;
+                        }
+                    }
+                    // Broken: the request is over now, not when hyper drops us.
+                    Some(Err(_)) => drop(guard.take()),
                 }
                 Poll::Ready(frame)
             }
