@@ -10,11 +10,13 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -22,6 +24,10 @@ use super::proxy::UpstreamBody;
 
 /// Idle connections kept per replica at most.
 const MAX_IDLE_PER_REPLICA: usize = 512;
+/// Connections being opened to one replica at once. A burst (the queue of a cold start
+/// released at once) then reuses connections as responses complete instead of
+/// overflowing a fresh replica's accept backlog (Python's http.server listens with 5).
+const MAX_CONNECTING_PER_REPLICA: usize = 8;
 
 /// An HTTP/1.1 connection to a replica, ready for a request.
 pub(crate) type Conn = SendRequest<UpstreamBody>;
@@ -49,6 +55,9 @@ pub(crate) enum ConnectError {
 #[derive(Default)]
 pub(crate) struct IdleConns {
     stack: Mutex<Vec<(Conn, Instant)>>,
+    connecting: AtomicUsize,
+    /// A connection was checked in, or a connect finished.
+    changed: Notify,
 }
 
 impl std::fmt::Debug for IdleConns {
@@ -59,9 +68,34 @@ impl std::fmt::Debug for IdleConns {
 }
 
 impl IdleConns {
+    /// A connection for one request: an idle one, a new one, or, while the most
+    /// connects are under way, the first one to come back. `true` when it was pooled.
+    pub(crate) async fn acquire(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<(Conn, bool), ConnectError> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(conn) = self.checkout() {
+                return Ok((conn, true));
+            }
+            if self.connecting.fetch_add(1, Ordering::AcqRel) < MAX_CONNECTING_PER_REPLICA {
+                let result = connect(addr, connect_timeout).await;
+                self.connecting.fetch_sub(1, Ordering::AcqRel);
+                self.changed.notify_one();
+                return result.map(|conn| (conn, false));
+            }
+            self.connecting.fetch_sub(1, Ordering::AcqRel);
+            changed.await;
+        }
+    }
+
     /// The most recently used idle connection that is ready, if any. Closed ones are
     /// dropped; one still finishing its last exchange is left for later.
-    pub(crate) fn checkout(&self) -> Option<Conn> {
+    fn checkout(&self) -> Option<Conn> {
         let mut stack = self.stack.lock().ok()?;
         let mut i = stack.len();
         while i > 0 {
@@ -93,6 +127,8 @@ impl IdleConns {
         if stack.len() < MAX_IDLE_PER_REPLICA {
             stack.push((conn, now));
         }
+        drop(stack);
+        self.changed.notify_one();
     }
 }
 

@@ -156,19 +156,28 @@ async fn forward(
         let replica = lease.replica().clone();
         guard.admitted(lease);
 
-        let (mut upstream, pooled) = match replica.idle.checkout() {
-            Some(c) => (c, true),
-            None => match pool::connect(replica.addr, act.settings.connect_timeout).await {
-                Ok(c) => (c, false),
-                Err(e) => {
-                    warn!(function = %fs.key, error = %e, "replica unreachable, trying another");
-                    guard.release();
-                    tried.push(replica.addr);
-                    continue;
-                }
-            },
+        let request_deadline = Instant::now() + conf.request;
+        let acquired = tokio::time::timeout_at(
+            request_deadline,
+            replica
+                .idle
+                .acquire(replica.addr, act.settings.connect_timeout),
+        )
+        .await
+        .map_err(|_| ProxyError::RequestTimeout {
+            key: fs.key.clone(),
+            timeout: conf.request,
+        })?;
+        let (mut upstream, pooled) = match acquired {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(function = %fs.key, error = %e, "replica unreachable, trying another");
+                guard.release();
+                tried.push(replica.addr);
+                continue;
+            }
         };
-        match tokio::time::timeout(conf.request, upstream.try_send_request(up)).await {
+        match tokio::time::timeout_at(request_deadline, upstream.try_send_request(up)).await {
             Err(_) => {
                 return Err(ProxyError::RequestTimeout {
                     key: fs.key.clone(),
