@@ -2,14 +2,17 @@
 //! routes by Host, holds requests while a Function wakes from zero, balances across
 //! replicas and streams the exchange, following the platform's watches (never polling).
 //!
-//! Layers, each in its module: [`routing`] (Host -> Function, replicas), [`gate`] (queue
-//! and wake), [`balancer`] (P2C least in flight, per-replica caps), [`proxy`] (headers,
-//! bodies, upgrades, retries), [`stats`] (autoscaler counters, Prometheus) and [`error`]
-//! (the one mapping from typed failures to HTTP answers).
+//! Layers, each in its module: `routing` (Host -> Function, replicas), `gate` (queue
+//! and wake), `balancer` (P2C least in flight, per-replica caps), `pool` (keep-alive
+//! connections per replica), `proxy` (headers, bodies, upgrades, retries), `stats`
+//! (autoscaler counters, Prometheus) and `error` (the one mapping from typed failures
+//! to HTTP answers).
 //!
 //! Answers hyper gives itself, before a request reaches the proxy: 400 for a malformed
 //! request and 431 for a head larger than `max_header_bytes` (HTTP/1.1); a client that
-//! does not finish its head within `header_read_timeout` is disconnected.
+//! does not finish its head within `header_read_timeout` is disconnected (that timeout
+//! also closes client keep-alive connections idle that long). `timeouts.request` bounds
+//! the wait for a replica's response head; a streamed body may then take longer.
 
 mod balancer;
 mod error;
