@@ -88,7 +88,11 @@ pub(crate) async fn handle(
     {
         Ok(resp) => resp,
         Err(e) => {
-            debug!(function = %fs.key, error = %e, "request answered by the activator");
+            if e.status() == StatusCode::BAD_GATEWAY {
+                warn!(function = %fs.key, error = %e, "no replica could take the request");
+            } else {
+                debug!(function = %fs.key, error = %e, "request answered by the activator");
+            }
             e.into_response()
         }
     };
@@ -171,7 +175,7 @@ async fn forward(
         let (mut upstream, pooled) = match acquired {
             Ok(c) => c,
             Err(e) => {
-                warn!(function = %fs.key, error = %e, "replica unreachable, trying another");
+                debug!(function = %fs.key, error = %e, "replica unreachable, trying another");
                 guard.release();
                 tried.push(replica.addr);
                 continue;
@@ -202,7 +206,7 @@ async fn forward(
                     debug!(function = %fs.key, error = %e.error(), "stale pooled connection");
                     stale += 1;
                 } else {
-                    warn!(function = %fs.key, replica = %replica.addr, error = %e.error(),
+                    debug!(function = %fs.key, replica = %replica.addr, error = %e.error(),
                         "replica failed before the request was sent, trying another");
                     tried.push(replica.addr);
                 }
