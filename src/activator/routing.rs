@@ -181,12 +181,15 @@ impl Table {
 
     /// The Function answering at a normalised host (see `api::hosts::normalize_host`).
     pub(crate) fn lookup(&self, host: &str) -> Option<Arc<FunctionState>> {
-        let base = host
-            .strip_suffix(self.svc_domain_suffix.as_str())
-            .or_else(|| host.strip_suffix(".svc"))
-            .unwrap_or(host);
-        if let Some(e) = self.functions.get(base) {
-            return Some(e.state.clone());
+        let service = [
+            Some(host),
+            host.strip_suffix(self.svc_domain_suffix.as_str()),
+            host.strip_suffix(".svc"),
+        ];
+        for base in service.into_iter().flatten() {
+            if let Some(e) = self.functions.get(base) {
+                return Some(e.state.clone());
+            }
         }
         self.extra_hosts.get(host).cloned()
     }
@@ -461,6 +464,14 @@ mod tests {
             assert_eq!(routed(&t, h).as_deref(), Some("default/hello"), "{h}");
         }
         assert_eq!(routed(&t, "hello.other"), None);
+        assert_eq!(routed(&t, "hello.default.svc.svc"), None);
+        // A namespace may be called `svc`.
+        apply(&mut t, &function("svc", "a", 1, &[]));
+        assert_eq!(routed(&t, "a.svc").as_deref(), Some("svc/a"));
+        assert_eq!(
+            routed(&t, "a.svc.svc.cluster.local").as_deref(),
+            Some("svc/a")
+        );
         assert_eq!(routed(&t, "hello.default.svc.other.domain"), None);
     }
 
