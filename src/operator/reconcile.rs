@@ -413,7 +413,10 @@ async fn apply_all(
         && !build::up_to_date(slice, live.slice)
     {
         ctx.slice_limiter.acquire().await;
-        apply(slices, slice, live.slice.is_some(), changes).await?;
+        // Following the activator pods is routine: no Event per Function for it.
+        let mut quiet = Changes::default();
+        apply(slices, slice, live.slice.is_some(), &mut quiet).await?;
+        changes.created.extend(quiet.created);
     }
     Ok(applied_deployment)
 }
