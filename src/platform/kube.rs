@@ -173,16 +173,20 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
     out
 }
 
+/// (namespace, slice name) of an EndpointSlice.
+type SliceId = (String, String);
+/// The Function a slice belongs to and its ready endpoints in that slice.
+type SliceEntry = (FunctionKey, Vec<Endpoint>);
+
 /// Keeps every private slice and aggregates them per Function; a (re-)list replaces all.
 #[derive(Default)]
 struct EndpointsState {
-    /// (namespace, slice name) -> (Function, its endpoints in that slice).
-    slices: HashMap<(String, String), (FunctionKey, Vec<Endpoint>)>,
-    relist: Option<HashMap<(String, String), (FunctionKey, Vec<Endpoint>)>>,
+    slices: HashMap<SliceId, SliceEntry>,
+    relist: Option<HashMap<SliceId, SliceEntry>>,
 }
 
 impl EndpointsState {
-    fn entry(slice: &EndpointSlice) -> Option<((String, String), (FunctionKey, Vec<Endpoint>))> {
+    fn entry(slice: &EndpointSlice) -> Option<(SliceId, SliceEntry)> {
         let ns = slice.namespace()?;
         let function = slice.labels().get(FUNCTION_LABEL)?.clone();
         Some((
