@@ -172,14 +172,35 @@ fn client(api: Arc<FakeApi>) -> kube::Client {
     kube::Client::new(service, "default")
 }
 
-/// The caches the controller's watches would fill.
-#[derive(Default)]
+/// The caches the controller's watches would fill (listed once, empty).
 struct Caches {
     functions: Writer<Function>,
     deployments: Writer<Deployment>,
     services: Writer<Service>,
     slices: Writer<EndpointSlice>,
     pods: Writer<Pod>,
+}
+
+fn listed<K>() -> Writer<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut w = Writer::default();
+    w.apply_watcher_event(&watcher::Event::Init);
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    w
+}
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self {
+            functions: listed(),
+            deployments: listed(),
+            services: listed(),
+            slices: listed(),
+            pods: listed(),
+        }
+    }
 }
 
 fn put<K>(w: &mut Writer<K>, object: K)

@@ -56,6 +56,8 @@ pub enum Error {
     Conflict { kind: String, name: String },
     #[error("writing the Function status: {0}")]
     Status(#[source] kube::Error),
+    #[error("the caches have not been listed yet")]
+    NotSynced,
     #[error("invalid flag: {0}")]
     Config(String),
     #[error("metrics: {0}")]
@@ -73,6 +75,7 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Conflict { .. } => "conflict",
             Error::Status(_) => "status",
+            Error::NotSynced => "not_synced",
             Error::Config(_) => "config",
             Error::Metrics(_) => "metrics",
             Error::LeadershipLost => "leadership",
@@ -359,6 +362,13 @@ async fn run_controller(
         rx.changed().await.ok().map(|_| ((), rx))
     });
 
+    // Never reconcile before the activator endpoints are known: a Function's Service
+    // would otherwise be reported unroutable (or pointed nowhere) at every restart.
+    let mut known = activators_rx.clone();
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        r = known.wait_for(Option::is_some) => if r.is_err() { return },
+    }
     let context = Arc::new(reconcile::Context {
         client: client.clone(),
         settings,
@@ -382,7 +392,13 @@ async fn run_controller(
     });
     info!(namespace = ns.unwrap_or("<all>"), "reconciling Functions");
     Controller::for_stream(function_events, functions)
-        .with_config(controller::Config::default().concurrency(8))
+        // Bounded parallelism, and a short debounce so a burst of pod status updates
+        // during a rollout becomes one reconcile.
+        .with_config(
+            controller::Config::default()
+                .concurrency(8)
+                .debounce(Duration::from_millis(500)),
+        )
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(slice_events)
@@ -430,4 +446,52 @@ fn sharing_hosts(store: &Store<Function>, f: &Function) -> Vec<ObjectRef<Functio
         })
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["operator"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("flags parse").config
+    }
+
+    #[test]
+    fn flags_have_the_documented_defaults() {
+        let c = parse(&[]);
+        assert_eq!(c.namespace, "");
+        assert_eq!(c.activator_service, "zeroscale-system/zeroscale-activator");
+        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:9090");
+        assert!(c.leader_elect);
+        assert_eq!(c.lease_name, "zeroscale-operator");
+        assert_eq!(c.shared.cluster_domain, "cluster.local");
+    }
+
+    #[test]
+    fn leader_election_can_be_turned_off() {
+        assert!(!parse(&["--leader-elect", "false"]).leader_elect);
+        assert!(!parse(&["--leader-elect=false"]).leader_elect);
+        assert!(parse(&["--leader-elect"]).leader_elect);
+    }
+
+    #[test]
+    fn the_activator_service_is_namespace_slash_name() {
+        assert_eq!(
+            parse_service("zeroscale-system/zeroscale-activator").unwrap(),
+            ("zeroscale-system".into(), "zeroscale-activator".into())
+        );
+        for bad in ["zeroscale-activator", "/x", "x/", "a/b/c"] {
+            assert!(parse_service(bad).is_err(), "{bad}");
+        }
+    }
 }

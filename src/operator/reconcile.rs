@@ -31,6 +31,8 @@ use crate::api::{CONDITION_READY, Defaults, FUNCTION_LABEL, Function, FunctionCo
 /// How long a reconciled Function waits before a periodic re-check (watches trigger
 /// every real change; this only bounds the effect of a missed event).
 const RESYNC: Duration = Duration::from_secs(10 * 60);
+/// How long a reconcile waits for the caches to be listed after start-up.
+const CACHE_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The reconciler's settings (parsed once from flags).
 #[derive(Debug, Clone)]
@@ -120,7 +122,24 @@ pub fn error_policy(function: Arc<Function>, error: &Error, _ctx: Arc<Context>) 
     Action::requeue(Duration::from_secs(secs))
 }
 
+/// Waits (bounded) until every cache has been listed once, so a reconcile right after
+/// start-up never mistakes "not loaded yet" for "absent" (which would flip statuses).
+async fn caches_synced(stores: &Stores) -> Result<(), Error> {
+    let all = async {
+        stores.functions.wait_until_ready().await?;
+        stores.deployments.wait_until_ready().await?;
+        stores.services.wait_until_ready().await?;
+        stores.slices.wait_until_ready().await?;
+        stores.pods.wait_until_ready().await
+    };
+    match tokio::time::timeout(CACHE_SYNC_TIMEOUT, all).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(Error::NotSynced),
+    }
+}
+
 async fn reconcile_inner(function: &Function, ctx: &Context) -> Result<Action, Error> {
+    caches_synced(&ctx.stores).await?;
     let namespace = function
         .namespace()
         .ok_or(Error::Build(BuildError::NotStored))?;

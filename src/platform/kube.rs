@@ -47,13 +47,8 @@ pub struct KubePlatform {
 impl KubePlatform {
     /// Watches Functions in `namespace` (all namespaces when `None`).
     pub fn new(client: kube::Client, namespace: Option<String>) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "zeroscale-autoscaler".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        // The instance is the host name, which is the pod name in a cluster.
+        let recorder = Recorder::new(client.clone(), Reporter::from("zeroscale-autoscaler"));
         Self {
             client,
             namespace,
