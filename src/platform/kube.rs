@@ -33,6 +33,9 @@ use crate::api::{FUNCTION_LABEL, Function, FunctionKey};
 pub const PRIVATE_SERVICE_SELECTOR: &str = "zeroscale.dev/service=private";
 /// The field manager of the autoscaler's status fields.
 pub const AUTOSCALER_FIELD_MANAGER: &str = "zeroscale-autoscaler";
+/// The field manager of wakes (activator) and of autoscaler scale changes; recorded as
+/// the owner of the Deployment's `spec.replicas`, which tells the reconciler to keep out.
+pub const WAKE_FIELD_MANAGER: &str = "zeroscale-activator";
 /// The port name of the private Service (and so of its slices).
 const PORT_NAME: &str = "http";
 
@@ -86,6 +89,13 @@ fn map_err(key: &FunctionKey, e: kube::Error) -> PlatformError {
         PlatformError::Conflict(key.clone())
     } else {
         PlatformError::Kube(e)
+    }
+}
+
+fn post_params(manager: &str) -> PostParams {
+    PostParams {
+        field_manager: Some(manager.into()),
+        ..PostParams::default()
     }
 }
 
@@ -297,7 +307,7 @@ impl Platform for KubePlatform {
             match api
                 .replace_scale(
                     &key.name,
-                    &PostParams::default(),
+                    &post_params(WAKE_FIELD_MANAGER),
                     &scale_object(key, replicas, version),
                 )
                 .await
@@ -339,7 +349,7 @@ impl Platform for KubePlatform {
             Some(version) => api
                 .replace_scale(
                     &key.name,
-                    &PostParams::default(),
+                    &post_params(AUTOSCALER_FIELD_MANAGER),
                     &scale_object(key, replicas, Some(version)),
                 )
                 .await
@@ -347,7 +357,10 @@ impl Platform for KubePlatform {
             None => api
                 .patch_scale(
                     &key.name,
-                    &PatchParams::default(),
+                    &PatchParams {
+                        field_manager: Some(AUTOSCALER_FIELD_MANAGER.into()),
+                        ..PatchParams::default()
+                    },
                     &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
                 )
                 .await
