@@ -3,18 +3,18 @@
 //! drift is repaired, what the status says, how an invalid spec and a refused object are
 //! reported, conflict retries, and the owner references garbage collection relies on.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+mod operator_support;
 
-use http::{Request, Response, StatusCode};
+use std::sync::Arc;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
+use operator_support::{Call, FakeApi, client};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use zeroscale::api::{Defaults, FUNCTION_LABEL, Function};
@@ -29,148 +29,6 @@ const PRIVATE: &str = "/api/v1/namespaces/default/services/hello-private";
 const PUBLIC: &str = "/api/v1/namespaces/default/services/hello";
 const SLICE: &str = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/hello-activator";
 const STATUS: &str = "/apis/zeroscale.dev/v1alpha1/namespaces/default/functions/hello/status";
-
-/// One request the reconciler made.
-#[derive(Debug, Clone)]
-struct Call {
-    method: String,
-    path: String,
-    query: String,
-    body: Value,
-}
-
-impl Call {
-    fn is_write(&self) -> bool {
-        self.method != "GET"
-    }
-}
-
-/// A small API server: stores what is applied (merged, with a resourceVersion), answers
-/// GETs, accepts Events, and fails the requests a test scripts.
-#[derive(Default)]
-struct FakeApi {
-    objects: Mutex<HashMap<String, Value>>,
-    calls: Mutex<Vec<Call>>,
-    /// (method, path) -> (status code, message), answered once.
-    failures: Mutex<HashMap<(String, String), (u16, String)>>,
-    version: Mutex<u64>,
-}
-
-fn merge(into: &mut Value, from: &Value) {
-    match (into, from) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        (a, b) => *a = b.clone(),
-    }
-}
-
-fn status_body(code: u16, message: &str) -> Value {
-    let reason = match code {
-        404 => "NotFound",
-        409 => "Conflict",
-        422 => "Invalid",
-        _ => "Unknown",
-    };
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code})
-}
-
-impl FakeApi {
-    fn handle(&self, call: &Call) -> (u16, Value) {
-        let key = (call.method.clone(), call.path.clone());
-        if let Some((code, message)) = self.failures.lock().unwrap().remove(&key) {
-            return (code, status_body(code, &message));
-        }
-        let mut objects = self.objects.lock().unwrap();
-        match call.method.as_str() {
-            "GET" => match objects.get(&call.path) {
-                Some(o) => (200, o.clone()),
-                None => (404, status_body(404, "not found")),
-            },
-            "POST" => {
-                // Events.
-                let mut body = call.body.clone();
-                if body["metadata"]["name"].is_null() {
-                    body["metadata"]["name"] = json!("event-1");
-                }
-                (201, body)
-            }
-            "PATCH" if call.path.ends_with("/status") => {
-                let parent = call.path.trim_end_matches("/status").to_string();
-                let Some(object) = objects.get_mut(&parent) else {
-                    return (404, status_body(404, "not found"));
-                };
-                merge(object, &json!({"status": call.body["status"]}));
-                (200, object.clone())
-            }
-            "PATCH" => {
-                let mut version = self.version.lock().unwrap();
-                let existing = objects.get(&call.path).cloned();
-                if let Some(want) = call.body["metadata"]["resourceVersion"].as_str() {
-                    let have = existing
-                        .as_ref()
-                        .and_then(|e| e["metadata"]["resourceVersion"].as_str().map(String::from));
-                    if have.as_deref() != Some(want) {
-                        return (409, status_body(409, "the object has been modified"));
-                    }
-                }
-                let mut object = existing.unwrap_or(json!({}));
-                merge(&mut object, &call.body);
-                *version += 1;
-                object["metadata"]["resourceVersion"] = json!(version.to_string());
-                object["metadata"]["uid"] = json!(format!("uid-{}", call.path.len()));
-                objects.insert(call.path.clone(), object.clone());
-                (200, object)
-            }
-            _ => (405, status_body(405, "method not allowed")),
-        }
-    }
-
-    fn take_calls(&self) -> Vec<Call> {
-        std::mem::take(&mut *self.calls.lock().unwrap())
-    }
-
-    fn object<K: serde::de::DeserializeOwned>(&self, path: &str) -> Option<K> {
-        let o = self.objects.lock().unwrap().get(path).cloned()?;
-        Some(serde_json::from_value(o).expect("a valid object"))
-    }
-}
-
-/// A client whose requests the fake API answers.
-fn client(api: Arc<FakeApi>) -> kube::Client {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let method = request.method().to_string();
-            let path = request.uri().path().to_string();
-            let query = request.uri().query().unwrap_or_default().to_string();
-            let bytes = request
-                .into_body()
-                .collect_bytes()
-                .await
-                .unwrap_or_default();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let call = Call {
-                method,
-                path,
-                query,
-                body,
-            };
-            let (code, reply) = api.handle(&call);
-            api.calls.lock().unwrap().push(call);
-            let response = Response::builder()
-                .status(StatusCode::from_u16(code).unwrap())
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                .unwrap();
-            send.send_response(response);
-        }
-    });
-    kube::Client::new(service, "default")
-}
 
 /// The caches the controller's watches would fill (listed once, empty).
 struct Caches {

@@ -228,12 +228,14 @@ pub async fn run(config: Config) -> crate::Result<()> {
                 autoscaler.run(work.clone()),
                 run_controller(
                     client.clone(),
-                    namespace.clone(),
-                    (activator_ns.clone(), activator_svc.clone()),
-                    settings,
+                    ControllerArgs {
+                        namespace: namespace.clone(),
+                        activator: (activator_ns.clone(), activator_svc.clone()),
+                        settings,
+                        identity: identity.clone(),
+                        slice_writes_per_second: config.slice_writes_per_second,
+                    },
                     metrics.clone(),
-                    identity.clone(),
-                    config.slice_writes_per_second,
                     work.clone(),
                 ),
             );
@@ -287,18 +289,34 @@ where
     }
 }
 
-/// Runs the reconcile controller and the activator-endpoints follower until `stop`.
-#[allow(clippy::too_many_arguments)]
-async fn run_controller(
+/// What the controller watches and how it writes (parsed once from flags).
+#[derive(Debug, Clone)]
+pub struct ControllerArgs {
+    /// Only this namespace, or all.
+    pub namespace: Option<String>,
+    /// The activator Service: namespace and name.
+    pub activator: (String, String),
+    pub settings: reconcile::Settings,
+    /// This replica's name in Events.
+    pub identity: String,
+    pub slice_writes_per_second: u32,
+}
+
+/// Runs the reconcile controller and the activator-endpoints follower until `stop`
+/// (the leader's work, besides the autoscaler).
+pub async fn run_controller(
     client: kube::Client,
-    namespace: Option<String>,
-    (activator_ns, activator_svc): (String, String),
-    settings: reconcile::Settings,
+    args: ControllerArgs,
     metrics: metrics::Metrics,
-    identity: String,
-    slice_writes_per_second: u32,
     stop: CancellationToken,
 ) {
+    let ControllerArgs {
+        namespace,
+        activator: (activator_ns, activator_svc),
+        settings,
+        identity,
+        slice_writes_per_second,
+    } = args;
     let ns = namespace.as_deref();
     let labelled = watcher::Config::default().labels(FUNCTION_LABEL);
 
