@@ -27,7 +27,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::api::{Defaults, FUNCTION_LABEL, Function};
 use crate::platform::kube::KubePlatform;
@@ -64,6 +64,8 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("lost the leader lease; exiting so a fresh process can stand for election")]
     LeadershipLost,
+    #[error("the controller or the autoscaler stopped unexpectedly")]
+    Stopped,
 }
 
 impl Error {
@@ -79,6 +81,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::Metrics(_) => "metrics",
             Error::LeadershipLost => "leadership",
+            Error::Stopped => "stopped",
         }
     }
 }
@@ -223,9 +226,16 @@ pub async fn run(config: Config) -> crate::Result<()> {
             cluster_domain: config.shared.cluster_domain.clone(),
             defaults,
         };
+        // The autoscaler and the controller live and die together: if one stops on its
+        // own, the other is stopped too and the process exits (and is restarted), rather
+        // than running half an operator.
         let leader_work = async {
-            let (a, c) = tokio::join!(
-                autoscaler.run(work.clone()),
+            let autoscaler = async {
+                let r = autoscaler.run(work.clone()).await;
+                work.cancel();
+                r
+            };
+            let controller = async {
                 run_controller(
                     client.clone(),
                     ControllerArgs {
@@ -237,12 +247,18 @@ pub async fn run(config: Config) -> crate::Result<()> {
                     },
                     metrics.clone(),
                     work.clone(),
-                ),
-            );
-            if let Err(e) = a {
-                warn!(error = %e, "the autoscaler stopped with an error");
+                )
+                .await;
+                work.cancel();
+            };
+            let (a, ()) = tokio::join!(autoscaler, controller);
+            if shutdown.is_cancelled() {
+                return a;
             }
-            c
+            match a {
+                Err(e) => Err(e),
+                Ok(()) => Err(Error::Stopped.into()),
+            }
         };
         let lost = async {
             if config.leader_elect {
@@ -253,19 +269,20 @@ pub async fn run(config: Config) -> crate::Result<()> {
             }
         };
         tokio::pin!(leader_work);
-        let lost_leadership = tokio::select! {
-            _ = &mut leader_work => false,
+        let outcome = tokio::select! {
+            r = &mut leader_work => r,
             lost = lost => {
                 work.cancel();
-                leader_work.await;
-                lost
+                let r = leader_work.await;
+                if lost && !shutdown.is_cancelled() {
+                    Err(Error::LeadershipLost.into())
+                } else {
+                    r
+                }
             }
         };
         metrics.leader.set(0);
-        if lost_leadership && !shutdown.is_cancelled() {
-            return Err(Error::LeadershipLost.into());
-        }
-        Ok::<(), crate::Error>(())
+        outcome
     }
     .await;
 

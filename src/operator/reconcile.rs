@@ -246,6 +246,8 @@ async fn reconcile_inner(function: &Function, ctx: &Context) -> Result<Action, E
                 invalid_template = Some(message.clone());
                 blockers.push(Blocker::InvalidSpec(message));
             }
+            // A conflict is routine (someone scaled meanwhile) and retried at once.
+            Err(e @ Error::Conflict { .. }) => return Err(e),
             Err(e) => {
                 publish(
                     ctx,
