@@ -580,3 +580,19 @@ fn activator_endpoints_are_the_ready_pods_on_the_http_port() {
     assert_eq!(ips, vec!["10.1.0.7", "10.1.0.9"]);
     assert_eq!(aggregate([&activator_slice(vec![])]).endpoints.len(), 0);
 }
+
+#[test]
+fn function_names_that_cannot_name_a_service_are_refused() {
+    assert_eq!(build::check_name("hello"), None);
+    assert_eq!(build::check_name(&"a".repeat(build::MAX_NAME_LEN)), None);
+    for bad in [
+        "my.fn",
+        "1st",
+        "Hello",
+        "trailing-",
+        &"a".repeat(build::MAX_NAME_LEN + 1),
+    ] {
+        let problem = build::check_name(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+        assert!(problem.starts_with("metadata.name"), "{problem}");
+    }
+}

@@ -33,6 +33,29 @@ pub const PORT_NAME: &str = "http";
 /// The port the public Service answers on.
 pub const PUBLIC_PORT: i32 = 80;
 
+/// The longest Function name whose objects all have valid names (`<name>-private` and
+/// `<name>-activator` must be DNS-1035 labels of at most 63 characters).
+pub const MAX_NAME_LEN: usize = 63 - "-activator".len();
+
+/// Why a Function's name cannot name its Services (Function names may be DNS subdomains,
+/// with dots or a leading digit; Service names may not).
+pub fn check_name(name: &str) -> Option<String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    (!valid).then(|| {
+        format!(
+            "metadata.name: {name:?} must be a DNS-1035 label (lower-case letters, digits and \
+             '-', starting with a letter) of at most {MAX_NAME_LEN} characters, because it \
+             names the Function's Services"
+        )
+    })
+}
+
 /// The name of a Function's private Service (selects its pods).
 pub fn private_service_name(function: &str) -> String {
     format!("{function}-private")

@@ -16,6 +16,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// How often a failing Lease call is logged as a warning.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
 /// Why a Lease operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -122,6 +125,7 @@ impl<S: LeaseStore> Elector<S> {
     /// must stop its leader-only work as soon as `leading` turns false.
     pub async fn run(mut self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
         let mut last_renewal: Option<Instant> = None;
+        let mut last_warning: Option<Instant> = None;
         loop {
             let now = Instant::now();
             match self.try_acquire_or_renew(now).await {
@@ -140,7 +144,14 @@ impl<S: LeaseStore> Elector<S> {
                     }
                 }
                 Err(e) => {
-                    debug!(error = %e, "lease update failed");
+                    // A candidate that can never reach its Lease (RBAC, wrong namespace)
+                    // must say so, but not every retry period.
+                    if last_warning.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                        warn!(error = %e, "reading or writing the leader lease failed");
+                        last_warning = Some(now);
+                    } else {
+                        debug!(error = %e, "lease update failed");
+                    }
                     let expired = last_renewal
                         .is_none_or(|t| now.duration_since(t) >= self.timing.renew_deadline);
                     if *leading.borrow() && expired {

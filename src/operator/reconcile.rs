@@ -148,7 +148,7 @@ async fn reconcile_inner(function: &Function, ctx: &Context) -> Result<Action, E
     let mut invalid_template = None;
 
     // --- validate (pure)
-    let config = match FunctionConfig::resolve(&function.spec, &ctx.settings.defaults) {
+    let mut config = match FunctionConfig::resolve(&function.spec, &ctx.settings.defaults) {
         Ok(c) => Some(c),
         Err(errors) => {
             if errors.mentions("spec.template") {
@@ -158,6 +158,10 @@ async fn reconcile_inner(function: &Function, ctx: &Context) -> Result<Action, E
             None
         }
     };
+    if let Some(problem) = build::check_name(&name) {
+        blockers.push(Blocker::InvalidSpec(problem));
+        config = None;
+    }
 
     // --- read (caches, with a GET where an object of that name may not be ours)
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
