@@ -464,13 +464,15 @@ fn scaled_to_zero_is_ready_and_not_a_failure() {
     );
     let up = status::active(Some(&deployment(2, 2, false)), &[], None);
     assert_eq!((up.status, up.reason.as_str()), (true, "Active"));
-    // Ready replicas win over a failing one.
-    let some = status::active(
-        Some(&deployment(2, 1, false)),
-        &[&pod(Some(("CrashLoopBackOff", "x")), None)],
-        None,
-    );
+    // Ready replicas win over a failing one: requests are still served...
+    let failing = pod(Some(("CrashLoopBackOff", "back-off restarting")), None);
+    let d = deployment(2, 1, false);
+    let some = status::active(Some(&d), &[&failing], None);
     assert!(some.status);
+    // ...but the stuck rollout shows on Ready, as GitOps health checks expect.
+    let stuck = status::startup_failure(Some(&d), &[&failing]).unwrap();
+    let ready = status::ready(&[Blocker::RolloutFailing(stuck)], &some);
+    assert_eq!((ready.status, ready.reason.as_str()), (false, "CrashLoop"));
 }
 
 #[test]

@@ -285,6 +285,11 @@ async fn reconcile_inner(function: &Function, ctx: &Context) -> Result<Action, E
         .collect();
     let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
     let active = status::active(deployment.as_ref(), &pod_refs, invalid_template.as_deref());
+    if active.status
+        && let Some(failure) = status::startup_failure(deployment.as_ref(), &pod_refs)
+    {
+        blockers.push(Blocker::RolloutFailing(failure));
+    }
     let ready = status::ready(&blockers, &active);
     let want = status::operator_status(
         function,

@@ -21,6 +21,9 @@ pub enum Blocker {
     NoActivator,
     /// An object the Function needs exists and belongs to someone else.
     AlreadyExists(String),
+    /// Replicas of a new template cannot start while older ones still serve: the
+    /// Function answers (Active) but its rollout is stuck, which GitOps tools should see.
+    RolloutFailing(Want),
 }
 
 /// A condition as the reconciler wants it (the transition time is decided later).
@@ -189,6 +192,7 @@ pub fn ready(blockers: &[Blocker], active: &Want) -> Want {
                 reasons.push(want(false, "HostConflict", list.join("; ")));
             }
             Blocker::AlreadyExists(m) => reasons.push(want(false, "AlreadyExists", m.clone())),
+            Blocker::RolloutFailing(w) => reasons.push(want(false, &w.reason, w.message.clone())),
             Blocker::NoActivator => reasons.push(want(
                 false,
                 "NoActivator",
