@@ -36,6 +36,7 @@ fn config(f: &Function) -> FunctionConfig {
 fn activators() -> ActivatorEndpoints {
     ActivatorEndpoints {
         port: 8080,
+        address_type: "IPv4".into(),
         endpoints: vec![
             ActivatorEndpoint {
                 ip: "10.1.0.7".into(),
@@ -597,4 +598,32 @@ fn function_names_that_cannot_name_a_service_are_refused() {
         let problem = build::check_name(bad).unwrap_or_else(|| panic!("{bad} accepted"));
         assert!(problem.starts_with("metadata.name"), "{problem}");
     }
+}
+
+#[test]
+fn an_ipv6_only_cluster_gets_an_ipv6_slice() {
+    let mut v6 = activator_slice(vec![
+        ("fd00::7", Some(true), None),
+        ("::1", Some(true), None),
+    ]);
+    v6.address_type = "IPv6".into();
+    let got = aggregate([&v6]);
+    assert_eq!(got.address_type, "IPv6");
+    let ips: Vec<&str> = got.endpoints.iter().map(|e| e.ip.as_str()).collect();
+    assert_eq!(
+        ips,
+        vec!["fd00::7"],
+        "loopback is never written into a slice"
+    );
+    let f = hello();
+    let slice = build::build(&f, &config(&f), Replicas::Omit, Some(&got))
+        .unwrap()
+        .activator_slice
+        .unwrap();
+    assert_eq!(slice.address_type, "IPv6");
+
+    // Dual-stack: IPv4 wins (a Service's primary family is IPv4 there by default).
+    let v4 = activator_slice(vec![("10.1.0.7", Some(true), None)]);
+    assert_eq!(aggregate([&v6, &v4]).address_type, "IPv4");
+    assert_eq!(aggregate([&v6, &v4]).endpoints.len(), 1);
 }

@@ -81,6 +81,7 @@ fn hello() -> Function {
 fn activators(ips: &[&str]) -> ActivatorEndpoints {
     ActivatorEndpoints {
         port: 8080,
+        address_type: "IPv4".into(),
         endpoints: ips
             .iter()
             .map(|ip| ActivatorEndpoint {

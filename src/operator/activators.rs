@@ -21,15 +21,24 @@ pub fn endpoint_ready(e: &k8s_openapi::api::discovery::v1::Endpoint) -> bool {
     c.and_then(|c| c.ready) != Some(false) && c.and_then(|c| c.terminating) != Some(true)
 }
 
-/// The ready IPv4 activator endpoints of a Service's slices and their `http` port.
-/// Loopback and link-local addresses are dropped: the API server refuses them in the
-/// slices the operator writes.
+/// The ready activator endpoints of a Service's slices and their `http` port, in one
+/// address family: IPv4 when the Service has IPv4 slices (single-stack or dual-stack
+/// clusters), else IPv6. Loopback, link-local and unspecified addresses are dropped: the
+/// API server refuses them in the slices the operator writes.
 pub fn aggregate<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> ActivatorEndpoints {
-    let mut out = ActivatorEndpoints::default();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
+    let slices: Vec<&EndpointSlice> = slices.into_iter().collect();
+    let family = if slices.iter().any(|s| s.address_type == "IPv4") || slices.is_empty() {
+        "IPv4"
+    } else if slices.iter().any(|s| s.address_type == "IPv6") {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
+    let mut out = ActivatorEndpoints {
+        address_type: family.to_string(),
+        ..ActivatorEndpoints::default()
+    };
+    for slice in slices.into_iter().filter(|s| s.address_type == family) {
         let Some(port) = slice
             .ports
             .iter()
@@ -42,10 +51,10 @@ pub fn aggregate<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Act
         out.port = port;
         for e in slice.endpoints.iter().filter(|e| endpoint_ready(e)) {
             for address in &e.addresses {
-                let Ok(IpAddr::V4(ip)) = address.parse::<IpAddr>() else {
+                let Ok(ip) = address.parse::<IpAddr>() else {
                     continue;
                 };
-                if ip.is_loopback() || ip.is_link_local() || ip.is_unspecified() {
+                if !routable(ip) {
                     continue;
                 }
                 out.endpoints.push(ActivatorEndpoint {
@@ -63,6 +72,17 @@ pub fn aggregate<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Act
         out.port = 0;
     }
     out
+}
+
+/// Whether an address may appear in an EndpointSlice.
+fn routable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
+        IpAddr::V6(v6) => {
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            !(v6.is_loopback() || v6.is_unspecified() || link_local)
+        }
+    }
 }
 
 /// Watches the activator Service `namespace/service` until `shutdown`, sending each new

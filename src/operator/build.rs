@@ -69,7 +69,7 @@ pub fn activator_slice_name(function: &str) -> String {
 /// One ready activator pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActivatorEndpoint {
-    /// Pod IPv4 address (never loopback: a cluster refuses that in a slice).
+    /// Pod IP, of the family in `address_type` (never loopback: a cluster refuses that).
     pub ip: String,
     pub node_name: Option<String>,
     pub zone: Option<String>,
@@ -81,6 +81,8 @@ pub struct ActivatorEndpoint {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ActivatorEndpoints {
     pub port: i32,
+    /// `IPv4`, or `IPv6` on a single-stack IPv6 cluster (empty means `IPv4`).
+    pub address_type: String,
     /// Sorted, deduplicated by IP.
     pub endpoints: Vec<ActivatorEndpoint>,
 }
@@ -271,7 +273,11 @@ pub fn build(
         );
         EndpointSlice {
             metadata,
-            address_type: "IPv4".into(),
+            address_type: if a.address_type.is_empty() {
+                "IPv4".into()
+            } else {
+                a.address_type.clone()
+            },
             endpoints: a
                 .endpoints
                 .iter()
