@@ -364,7 +364,11 @@ pub async fn run_controller(
         writer,
         watcher(api(&client, ns), labelled)
             .default_backoff()
-            .modify(|p: &mut Pod| p.managed_fields_mut().clear()),
+            .modify(|p: &mut Pod| {
+                // Only labels and status are read (startup failures): keep the cache small.
+                p.managed_fields_mut().clear();
+                p.spec = None;
+            }),
     )
     .touched_objects();
 
