@@ -130,6 +130,7 @@ fn harness() -> Harness {
         ),
         metrics: Metrics::new(&registry).unwrap(),
         slice_limiter: RateLimiter::new(1000),
+        failures: Default::default(),
     });
     Harness {
         api,
@@ -601,4 +602,22 @@ async fn metrics_count_reconciles_and_errors_by_reason() {
             .get(),
         1
     );
+}
+
+#[tokio::test]
+async fn repeated_failures_back_off_up_to_five_minutes() {
+    let h = harness();
+    let f = Arc::new(hello());
+    let error = Error::Status(kube::Error::Service("connection refused".into()));
+    let action = reconcile::error_policy(f, &error, h.context.clone());
+    assert_ne!(action, Action::await_change(), "a failure must be retried");
+    for n in 1..=10 {
+        let d = reconcile::backoff(n);
+        let base = (5u64 << (n - 1).min(6)).min(300);
+        assert!(
+            d >= std::time::Duration::from_secs(base)
+                && d <= std::time::Duration::from_secs_f64(base as f64 * 1.2),
+            "retry {n}: {d:?}"
+        );
+    }
 }

@@ -428,6 +428,7 @@ pub async fn run_controller(
         ),
         metrics,
         slice_limiter: reconcile::RateLimiter::new(slice_writes_per_second),
+        failures: reconcile::Failures::default(),
     });
     info!(namespace = ns.unwrap_or("<all>"), "reconciling Functions");
     Controller::for_stream(function_events, functions)

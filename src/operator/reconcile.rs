@@ -26,7 +26,9 @@ use super::build::{
 };
 use super::metrics::Metrics;
 use super::status::{self, Blocker};
-use crate::api::{CONDITION_READY, Defaults, FUNCTION_LABEL, Function, FunctionConfig};
+use crate::api::{
+    CONDITION_READY, Defaults, FUNCTION_LABEL, Function, FunctionConfig, FunctionKey,
+};
 
 /// How long a reconciled Function waits before a periodic re-check (watches trigger
 /// every real change; this only bounds the effect of a missed event).
@@ -84,6 +86,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub slice_limiter: RateLimiter,
+    pub failures: Failures,
 }
 
 /// What the apply step changed, for Events.
@@ -103,23 +106,51 @@ pub async fn reconcile(function: Arc<Function>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::await_change());
     }
     let result = reconcile_inner(&function, &ctx).await;
-    if let Err(e) = &result {
-        ctx.metrics
+    match &result {
+        Ok(_) => ctx.failures.clear(&function.key()),
+        Err(e) => ctx
+            .metrics
             .reconcile_errors
             .with_label_values(&[e.metric_label()])
-            .inc();
+            .inc(),
     }
     result
 }
 
-/// Requeues a failed reconcile with a backoff that grows with repeated failures.
-pub fn error_policy(function: Arc<Function>, error: &Error, _ctx: Arc<Context>) -> Action {
+/// Consecutive failures per Function, for the error backoff.
+#[derive(Default)]
+pub struct Failures(std::sync::Mutex<std::collections::HashMap<FunctionKey, u32>>);
+
+impl Failures {
+    /// Counts a failure; returns how many in a row (1 for the first).
+    fn record(&self, key: &FunctionKey) -> u32 {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn clear(&self, key: &FunctionKey) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// The delay before retry `n` (1-based): 5s doubling to 5 minutes, with up to 20%
+/// jitter so Functions that failed together do not retry together.
+pub fn backoff(n: u32) -> Duration {
+    let base = Duration::from_secs(5).saturating_mul(1 << n.saturating_sub(1).min(6));
+    let capped = base.min(Duration::from_secs(300));
+    capped.mul_f64(1.0 + rand::random::<f64>() * 0.2)
+}
+
+/// Requeues a failed reconcile with a backoff that grows with repeated failures (a
+/// write conflict is retried at once: someone changed the object meanwhile).
+pub fn error_policy(function: Arc<Function>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(function = %function.key(), error = %error, "reconcile failed");
-    let secs = match error {
-        Error::Conflict { .. } => 1,
-        _ => 5 + rand::random::<u64>() % 10,
-    };
-    Action::requeue(Duration::from_secs(secs))
+    if let Error::Conflict { .. } = error {
+        return Action::requeue(Duration::from_secs(1));
+    }
+    Action::requeue(backoff(ctx.failures.record(&function.key())))
 }
 
 /// Waits (bounded) until every cache has been listed once, so a reconcile right after
