@@ -127,8 +127,9 @@ pub struct Config {
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
     /// Most writes per second of the activator EndpointSlices when the activator pods
-    /// change (every Function has one).
-    #[arg(long, env = "ZEROSCALE_SLICE_WRITES_PER_SECOND", default_value_t = 20)]
+    /// change (every Function has one). An activator rollout converges in about
+    /// Functions / this many seconds; keep the activator's termination grace above that.
+    #[arg(long, env = "ZEROSCALE_SLICE_WRITES_PER_SECOND", default_value_t = 50)]
     pub slice_writes_per_second: u32,
     #[command(flatten)]
     pub shared: crate::api::config::SharedArgs,

@@ -102,6 +102,7 @@ pub async fn reconcile(function: Arc<Function>, ctx: Arc<Context>) -> Result<Act
     let _timer = ctx.metrics.reconcile_duration.start_timer();
     ctx.metrics.reconciles.inc();
     if function.metadata.deletion_timestamp.is_some() {
+        ctx.failures.clear(&function.key());
         // The garbage collector removes what the Function owns.
         return Ok(Action::await_change());
     }
