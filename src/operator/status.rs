@@ -213,6 +213,7 @@ pub fn ready(blockers: &[Blocker], active: &Want) -> Want {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OperatorStatus {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     pub url: String,
     pub replicas: i32,
