@@ -216,3 +216,88 @@ async fn a_lease_held_by_a_dead_process_is_taken_after_it_expires() {
     b.stop.cancel();
     let _ = b.task.await;
 }
+
+/// The Lease as the API server sees it: created on first acquire, then replaced with
+/// its resourceVersion; a 409 is a lost race, not an error to retry blindly.
+#[tokio::test]
+async fn the_kube_lease_store_creates_then_replaces_with_the_version() {
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use zeroscale::operator::leader::KubeLeaseStore;
+
+    let calls: Arc<Mutex<Vec<(String, String, Value)>>> = Arc::default();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen = calls.clone();
+    tokio::spawn(async move {
+        let mut stored: Option<Value> = None;
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let path = request.uri().path().to_string();
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            seen.lock()
+                .unwrap()
+                .push((method.clone(), path.clone(), body.clone()));
+            let (code, reply) = match (method.as_str(), &stored) {
+                ("GET", None) => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+                ("GET", Some(l)) => (200, l.clone()),
+                ("POST", _) => {
+                    let mut l = body.clone();
+                    l["metadata"]["resourceVersion"] = json!("1");
+                    stored = Some(l.clone());
+                    (201, l)
+                }
+                ("PUT", Some(l))
+                    if body["metadata"]["resourceVersion"] == l["metadata"]["resourceVersion"] =>
+                {
+                    let mut next = body.clone();
+                    next["metadata"]["resourceVersion"] = json!("2");
+                    stored = Some(next.clone());
+                    (200, next)
+                }
+                _ => (
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "Conflict", "code": 409, "message": "modified"}),
+                ),
+            };
+            send.send_response(
+                Response::builder()
+                    .status(StatusCode::from_u16(code).unwrap())
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let client = kube::Client::new(service, "default");
+    let store = KubeLeaseStore::new(client, "zeroscale-system", "zeroscale-operator");
+    let mut elector = Elector::new(store, "operator-a", Timing::default());
+    assert!(elector.try_acquire_or_renew(Instant::now()).await.unwrap());
+    assert!(elector.try_acquire_or_renew(Instant::now()).await.unwrap());
+    let calls = calls.lock().unwrap();
+    let methods: Vec<&str> = calls.iter().map(|(m, _, _)| m.as_str()).collect();
+    assert_eq!(methods, vec!["GET", "POST", "GET", "PUT"]);
+    let (_, path, created) = &calls[1];
+    assert_eq!(
+        path,
+        "/apis/coordination.k8s.io/v1/namespaces/zeroscale-system/leases"
+    );
+    assert_eq!(created["metadata"]["name"], "zeroscale-operator");
+    assert_eq!(created["spec"]["holderIdentity"], "operator-a");
+    assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+    let (_, path, renewed) = &calls[3];
+    assert_eq!(
+        path,
+        "/apis/coordination.k8s.io/v1/namespaces/zeroscale-system/leases/zeroscale-operator"
+    );
+    assert_eq!(
+        renewed["metadata"]["resourceVersion"], "1",
+        "optimistic concurrency"
+    );
+}

@@ -526,6 +526,50 @@ mod tests {
     }
 
     #[test]
+    fn a_host_change_rechecks_the_functions_listing_that_host() {
+        use kube::runtime::reflector::store::Writer;
+        let function = |name: &str, hosts: &[&str]| {
+            let mut f = Function::new(
+                name,
+                crate::api::FunctionSpec {
+                    template: crate::api::PodTemplate::default(),
+                    port: None,
+                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    scale: None,
+                    timeouts: None,
+                    queue: None,
+                },
+            );
+            f.metadata.namespace = Some("default".into());
+            f
+        };
+        let mut writer: Writer<Function> = Writer::default();
+        for f in [
+            function("a", &["api.example.com"]),
+            function("b", &["API.example.com", "other.example.com"]),
+            function("c", &["other.example.com"]),
+            function("d", &[]),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(f));
+        }
+        let store = writer.as_reader();
+        let names = |f: &Function| {
+            let mut n: Vec<String> = sharing_hosts(&store, f)
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&function("a", &["api.example.com"])), vec!["b"]);
+        assert_eq!(
+            names(&function("x", &["api.example.com", "other.example.com"])),
+            vec!["a", "b", "c"]
+        );
+        assert!(names(&function("d", &[])).is_empty());
+    }
+
+    #[test]
     fn the_activator_service_is_namespace_slash_name() {
         assert_eq!(
             parse_service("zeroscale-system/zeroscale-activator").unwrap(),
