@@ -23,7 +23,7 @@ use kube::api::Api;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -388,7 +388,10 @@ pub async fn run_controller(
             }
         }
     })
-    .applied_objects();
+    .applied_objects()
+    // Only spec changes need a reconcile: status writes (ours, and the autoscaler's
+    // lastRequestTime under traffic) would otherwise trigger one each.
+    .predicate_filter(predicates::generation, PredicateConfig::default());
 
     let (activators_tx, activators_rx) = watch::channel(None);
     let follower = tokio::spawn(activators::follow(
