@@ -160,8 +160,12 @@ async fn fake_activator(client: &Client, ns: &str) -> String {
     format!("{ns}/fake-activator")
 }
 
-/// The built operator binary, watching only `ns`.
+/// The built operator binary, watching only `ns`, without leader election.
 fn run_operator(ns: &str, activator: &str) -> Child {
+    run_operator_with(ns, activator, &["--leader-elect", "false"])
+}
+
+fn run_operator_with(ns: &str, activator: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_zeroscale"))
         .args([
             "operator",
@@ -171,9 +175,8 @@ fn run_operator(ns: &str, activator: &str) -> Child {
             activator,
             "--admin-listen",
             "127.0.0.1:0",
-            "--leader-elect",
-            "false",
         ])
+        .args(extra)
         .env("RUST_LOG", "info,zeroscale=debug")
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
@@ -327,5 +330,65 @@ async fn a_template_the_api_server_refuses_is_reported_on_the_status() {
     assert_eq!(ready.status, "False");
     assert!(ready.message.contains("Not_A_Label"), "{}", ready.message);
     let _ = operator.kill().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster (make e2e)"]
+async fn a_standby_operator_takes_over_when_the_leader_dies() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(client) = cluster("a_standby_operator_takes_over_when_the_leader_dies").await else {
+        return;
+    };
+    apply_crd(&client).await;
+    let ns = TestNamespace::new(&client).await;
+    let activator = fake_activator(&client, &ns.name).await;
+    let elect = |id: &str| -> Vec<String> {
+        [
+            "--leader-elect",
+            "true",
+            "--lease-namespace",
+            &ns.name,
+            "--pod-name",
+            id,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (args_a, args_b) = (elect("operator-a"), elect("operator-b"));
+    let a_args: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let b_args: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let mut a = run_operator_with(&ns.name, &activator, &a_args);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = || async {
+        leases
+            .get_opt("zeroscale-operator")
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity
+    };
+    eventually("operator-a to lead", || async {
+        (holder().await.as_deref() == Some("operator-a")).then_some(())
+    })
+    .await;
+    let mut b = run_operator_with(&ns.name, &activator, &b_args);
+
+    // The leader dies without releasing the lease (SIGKILL).
+    a.kill().await.unwrap();
+    eventually("operator-b to take over", || async {
+        (holder().await.as_deref() == Some("operator-b")).then_some(())
+    })
+    .await;
+    // ...and it does the work: a new Function gets its Deployment.
+    apply_function(&client, &hello(&ns.name)).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the new leader to reconcile", || async {
+        deployments.get_opt("hello").await.ok().flatten()
+    })
+    .await;
+    let _ = b.kill().await;
     ns.delete().await;
 }
