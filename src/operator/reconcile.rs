@@ -1,6 +1,8 @@
 //! The reconcile pipeline for one Function: read (caches) -> validate (pure) -> build
 //! (pure) -> apply (server-side apply, only what differs) -> status (server-side apply
-//! of the operator's status fields). A steady state makes no API writes at all.
+//! of the operator's status fields). A steady state makes no API calls at all: desired
+//! objects are compared with the watch caches on every field the operator sets, plus a
+//! hash of what it last applied so that a field removed from the spec is noticed too.
 
 use std::sync::Arc;
 use std::time::Duration;
