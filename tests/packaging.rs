@@ -18,6 +18,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -211,6 +212,7 @@ fn check_document(doc: &Value) -> Result<(), String> {
         }
         ("rbac.authorization.k8s.io/v1", "Role") => decode_typed::<Role>(doc),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => decode_typed::<RoleBinding>(doc),
+        ("networking.k8s.io/v1", "NetworkPolicy") => decode_typed::<NetworkPolicy>(doc),
         ("policy/v1", "PodDisruptionBudget") => decode_typed::<PodDisruptionBudget>(doc),
         ("autoscaling/v2", "HorizontalPodAutoscaler") => {
             decode_typed::<HorizontalPodAutoscaler>(doc)

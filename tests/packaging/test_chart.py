@@ -101,7 +101,7 @@ def test_defaults_install_the_components(default_docs):
         assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
     assert not find(default_docs, "HorizontalPodAutoscaler")
     assert not find(default_docs, "ServiceMonitor")
-    assert not find(default_docs, "NetworkPolicy"), "Functions in every namespace must reach the activator"
+    assert not find(default_docs, "NetworkPolicy"), "opt-in: a policy denies whatever it does not list"
     crd = one(default_docs, "CustomResourceDefinition", "functions.zeroscale.dev")
     assert crd["spec"]["group"] == "zeroscale.dev"
 
@@ -211,3 +211,20 @@ def test_chart_crd_is_the_generated_one():
     assert (CHART / "crds" / "function.yaml").read_text() == generated, (
         "charts/zeroscale/crds/function.yaml is stale: cp crds/function.yaml charts/zeroscale/crds/"
     )
+
+
+def test_network_policy_keeps_the_activator_open_to_every_namespace(render_values):
+    docs = render_values({"networkPolicy": {"enabled": True}})
+    activator = one(docs, "NetworkPolicy", "zeroscale-activator")
+    traffic = [r for r in activator["spec"]["ingress"] if {"port": "http", "protocol": "TCP"} in r["ports"]]
+    assert traffic and all("from" not in r for r in traffic), "the http port admits every source"
+    admin = [r for r in activator["spec"]["ingress"] if {"port": "admin", "protocol": "TCP"} in r["ports"]]
+    (rule,) = admin
+    operator_labels = one(docs, "Deployment", "zeroscale-operator")["spec"]["template"]["metadata"]["labels"]
+    peers = rule["from"]
+    assert any(
+        set(p.get("podSelector", {}).get("matchLabels", {}).items()) <= set(operator_labels.items()) for p in peers
+    ), "the operator reads /stats"
+    assert not any("namespaceSelector" in p for p in peers), "no metrics namespaces were named"
+    # Nothing may call the operator unless a metrics namespace is named.
+    assert one(docs, "NetworkPolicy", "zeroscale-operator")["spec"]["ingress"] == []
