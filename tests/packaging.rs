@@ -535,9 +535,9 @@ fn rbac_grants_exactly_what_the_code_calls() {
             );
             bound.insert(account);
         }
-        assert_ne!(
+        assert_eq!(
             bound.len(),
-            1,
+            2,
             "{}: the components share one ServiceAccount",
             install.what
         );
@@ -895,4 +895,23 @@ fn check_defaults_mount(
     let file = dir.path().join("defaults.yaml");
     std::fs::write(&file, text).expect("write defaults");
     Defaults::load(Some(&file)).unwrap_or_else(|e| panic!("{what}: the defaults do not load: {e}"));
+}
+
+/// The chart and kustomize ship copies of the generated CRD (Helm and kustomize cannot
+/// reach outside their directories); they must be byte-for-byte current.
+#[test]
+fn crd_copies_are_current() {
+    let read = |p: &str| {
+        std::fs::read_to_string(root().join(p)).unwrap_or_else(|e| panic!("reading {p}: {e}"))
+    };
+    let generated = read("crds/function.yaml");
+    for copy in [
+        "charts/zeroscale/crds/function.yaml",
+        "config/crd/function.yaml",
+    ] {
+        assert!(
+            read(copy) == generated,
+            "{copy} is stale: cp crds/function.yaml {copy}"
+        );
+    }
 }
