@@ -128,8 +128,8 @@ def test_scoped_install_grants_nothing_cluster_wide_to_components(render_values)
             assert binding["subjects"] == [
                 {"kind": "ServiceAccount", "name": f"zeroscale-{component}", "namespace": "zeroscale-system"}
             ]
-    lease_role = one(docs, "Role", "zeroscale-operator-leader-election")
-    assert lease_role["metadata"]["namespace"] == "zeroscale-system"
+    own_role = one(docs, "Role", "zeroscale-operator-own-namespace")
+    assert own_role["metadata"]["namespace"] == "zeroscale-system"
     operator = one(docs, "Deployment", "zeroscale-operator")["spec"]["template"]["spec"]["containers"][0]
     assert "--namespace=team-a,team-b" in operator["args"]
 
