@@ -228,3 +228,9 @@ def test_network_policy_keeps_the_activator_open_to_every_namespace(render_value
     assert not any("namespaceSelector" in p for p in peers), "no metrics namespaces were named"
     # Nothing may call the operator unless a metrics namespace is named.
     assert one(docs, "NetworkPolicy", "zeroscale-operator")["spec"]["ingress"] == []
+
+
+def test_extra_args_come_last(render_values):
+    docs = render_values({"activator": {"extraArgs": ["--header-read-timeout=5s"]}})
+    args = one(docs, "Deployment", "zeroscale-activator")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-1] == "--header-read-timeout=5s"
