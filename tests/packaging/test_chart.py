@@ -11,6 +11,12 @@ import yaml
 from conftest import ROOT, VALUES, find, one, render
 
 CHART = ROOT / "charts" / "zeroscale"
+REQUIRED_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
 SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
 
 
@@ -36,7 +42,7 @@ def test_renders_labelled_namespaced_objects(render_values, values_file):
         if doc["kind"] == "CustomResourceDefinition":
             continue
         labels = meta.get("labels", {})
-        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by", "helm.sh/chart"):
+        for key in REQUIRED_LABELS:
             assert key in labels, f"{doc['kind']} {meta['name']} lacks label {key}"
         if doc["kind"] in {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget",
                            "HorizontalPodAutoscaler", "ServiceMonitor", "RoleBinding", "Role"}:
@@ -138,7 +144,11 @@ def test_hpa_takes_over_the_activator_replicas(render_values):
     docs = render_values({"activator": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 9}}})
     hpa = one(docs, "HorizontalPodAutoscaler", "zeroscale-activator")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "zeroscale-activator"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "zeroscale-activator",
+    }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 9)
     assert "replicas" not in one(docs, "Deployment", "zeroscale-activator")["spec"]
 
@@ -166,7 +176,11 @@ def test_service_monitor_scrapes_both_admin_ports(render_values):
 
 
 def test_custom_defaults_and_json_logs_reach_both_components(render_values):
-    defaults = {"scale": {"max": 20, "idleTimeout": "5m", "metric": "rps"}, "timeouts": {"activation": "60s"}, "queue": {"capacity": 10}}
+    defaults = {
+        "scale": {"max": 20, "idleTimeout": "5m", "metric": "rps"},
+        "timeouts": {"activation": "60s"},
+        "queue": {"capacity": 10},
+    }
     docs = render_values({"defaults": defaults, "logging": {"format": "json", "level": "debug"}})
     config = one(docs, "ConfigMap", "zeroscale-defaults")
     assert yaml.safe_load(config["data"]["defaults.yaml"]) == defaults
@@ -222,9 +236,8 @@ def test_network_policy_keeps_the_activator_open_to_every_namespace(render_value
     (rule,) = admin
     operator_labels = one(docs, "Deployment", "zeroscale-operator")["spec"]["template"]["metadata"]["labels"]
     peers = rule["from"]
-    assert any(
-        set(p.get("podSelector", {}).get("matchLabels", {}).items()) <= set(operator_labels.items()) for p in peers
-    ), "the operator reads /stats"
+    pod_selectors = [p.get("podSelector", {}).get("matchLabels", {}) for p in peers]
+    assert any(s and s.items() <= operator_labels.items() for s in pod_selectors), "the operator reads /stats"
     assert not any("namespaceSelector" in p for p in peers), "no metrics namespaces were named"
     # Nothing may call the operator unless a metrics namespace is named.
     assert one(docs, "NetworkPolicy", "zeroscale-operator")["spec"]["ingress"] == []
