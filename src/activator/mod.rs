@@ -391,6 +391,12 @@ impl Activator {
         self.table().len()
     }
 
+    /// Whether a raw `Host` value routes to a Function: the normalisation and table
+    /// lookup a request pays, exposed so the benchmark harness (`bench/`) can time it.
+    pub fn routes(&self, host: &str) -> bool {
+        crate::api::hosts::normalize_host(host).is_some_and(|h| self.table().lookup(&h).is_some())
+    }
+
     /// Requests in flight to one replica now; `dev` waits for zero before it stops a
     /// replica, so a scale-down never cuts a request.
     pub fn endpoint_in_flight(&self, addr: SocketAddr) -> u64 {
