@@ -14,6 +14,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         query = parse_qs(urlparse(self.path).query)
         delay = float(query.get("delay", ["0"])[0])
+        print("started %s" % self.path, flush=True)
         if delay:
             time.sleep(delay)
         body = ("pid=%d host=%s\n" % (os.getpid(), os.environ.get("HOSTNAME", ""))).encode()
