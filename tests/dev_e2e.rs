@@ -455,3 +455,17 @@ async fn a_missing_manifest_path_is_an_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_die_with_dev_even_when_it_is_sigkilled() {
+    let mut dev = Dev::start(&[("one.yaml", server("one", "scale: {min: 2, max: 2}"))]).await;
+    let replicas = dev.replicas("one", 2).await;
+    dev.child.start_kill().unwrap();
+    dev.child.wait().await.unwrap();
+    eventually(
+        "the replicas to die with dev",
+        Duration::from_secs(5),
+        || async { replicas.iter().all(|p| !alive(*p)).then_some(()) },
+    )
+    .await;
+}

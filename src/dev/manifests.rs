@@ -438,3 +438,78 @@ mod tests {
         assert_eq!(errors[0].file, missing);
     }
 }
+
+#[cfg(test)]
+mod watcher_tests {
+    use super::*;
+    use crate::api::Defaults;
+    use crate::platform::local::{LocalSettings, Output};
+
+    fn function(name: &str, max: u32) -> String {
+        format!(
+            "apiVersion: zeroscale.dev/v1alpha1\nkind: Function\nmetadata: {{name: {name}}}\nspec:\n  template: {{spec: {{containers: [{{name: app, command: [x]}}]}}}}\n  scale: {{max: {max}}}\n"
+        )
+    }
+
+    fn max_of(p: &LocalPlatform, name: &str) -> Option<i32> {
+        p.function(&FunctionKey::new("default", name))
+            .and_then(|f| f.spec.scale.clone())
+            .and_then(|s| s.max)
+    }
+
+    #[tokio::test]
+    async fn edits_apply_and_bad_edits_keep_what_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        let b = dir.path().join("b.yaml");
+        std::fs::write(&a, function("a", 2)).unwrap();
+        std::fs::write(&b, format!("{}---\n{}", function("b", 2), function("c", 2))).unwrap();
+        let (output, _) = Output::capture();
+        let p = LocalPlatform::new(LocalSettings {
+            defaults: Defaults::default(),
+            cluster_domain: "cluster.local".into(),
+            output,
+        });
+        let mut w = Watcher::new(vec![dir.path().to_path_buf()], p.clone());
+        assert!(w.reload().await.is_empty());
+        assert_eq!(w.functions().count(), 3);
+
+        // A valid edit is applied.
+        std::fs::write(&a, function("a", 5)).unwrap();
+        assert!(w.reload().await.is_empty());
+        assert_eq!(max_of(&p, "a"), Some(5));
+
+        // An invalid spec is reported with its field; the running version stays.
+        std::fs::write(&a, function("a", 5).replace("max: 5", "max: 5, min: 9")).unwrap();
+        let errors = w.reload().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let msg = errors[0].to_string();
+        assert!(msg.contains("spec.scale.min"), "{msg}");
+        assert!(msg.contains("previous version keeps running"), "{msg}");
+        assert_eq!(max_of(&p, "a"), Some(5));
+        std::fs::write(&a, function("a", 5)).unwrap();
+        assert!(w.reload().await.is_empty());
+
+        // A file that no longer parses keeps all of its Functions.
+        std::fs::write(&b, "kind: [unclosed").unwrap();
+        let errors = w.reload().await;
+        assert!(errors[0].message.contains("not valid YAML"), "{errors:?}");
+        assert!(max_of(&p, "b").is_some() && max_of(&p, "c").is_some());
+
+        // Removing a document deletes its Function; removing a file deletes its own.
+        std::fs::write(&b, function("b", 2)).unwrap();
+        assert!(w.reload().await.is_empty());
+        assert!(max_of(&p, "c").is_none(), "c was removed from b.yaml");
+        std::fs::remove_file(&b).unwrap();
+        w.reload().await;
+        assert!(max_of(&p, "b").is_none());
+        assert_eq!(max_of(&p, "a"), Some(5));
+
+        // A Function defined twice keeps its first definition.
+        std::fs::write(&b, function("a", 7)).unwrap();
+        let errors = w.reload().await;
+        assert!(errors[0].message.contains("defined again"), "{errors:?}");
+        assert_eq!(max_of(&p, "a"), Some(5));
+        p.shutdown().await;
+    }
+}
