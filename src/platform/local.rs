@@ -236,7 +236,7 @@ impl LocalPlatform {
             entry.config = config;
             entry.template = template;
             let _ = entry.target.send(entry.target());
-            inner.refresh_status(&key, entry);
+            inner.emit_status(&key, entry, true);
             Ok(Applied::Updated { restart })
         } else {
             function.metadata.generation = Some(1);
@@ -273,7 +273,7 @@ impl LocalPlatform {
                 s.push(handle);
             }
             let entry = state.functions.entry(key.clone()).or_insert(entry);
-            inner.refresh_status(&key, entry);
+            inner.emit_status(&key, entry, true);
             let _ = inner
                 .endpoints_tx
                 .send(EndpointsEvent::Updated(key.clone(), Vec::new()));
@@ -377,20 +377,32 @@ impl Inner {
                 .endpoints_tx
                 .send(EndpointsEvent::Updated(key.clone(), view.endpoints.clone()));
         }
-        if entry.view.failure != view.failure
-            && let Some((reason, message)) = &view.failure
-        {
-            warn!(function = %key, %reason, "replicas cannot start: {message}");
+        if entry.view.failure != view.failure {
+            match &view.failure {
+                Some((reason, message)) => {
+                    warn!(function = %key, %reason, "replicas cannot start: {message}");
+                }
+                None if !view.endpoints.is_empty() => {
+                    info!(function = %key, "a replica is ready again; start-up failure cleared");
+                }
+                None => {}
+            }
         }
         entry.view = view;
         self.refresh_status(key, entry);
     }
 
-    /// Recomputes the status; emits `Applied` when it (or the object) changed.
+    /// Recomputes the status; emits `Applied` when it changed.
     fn refresh_status(&self, key: &FunctionKey, entry: &mut Entry) {
+        self.emit_status(key, entry, false);
+    }
+
+    /// Recomputes the status; emits `Applied` when it changed, or always with `force`
+    /// (the object itself changed).
+    fn emit_status(&self, key: &FunctionKey, entry: &mut Entry, force: bool) {
         let url = entry.function.url(&self.settings.cluster_domain);
         let status = compute_status(entry, url);
-        if entry.function.status.as_ref() == Some(&status) {
+        if !force && entry.function.status.as_ref() == Some(&status) {
             return;
         }
         let mut f = (*entry.function).clone();
@@ -609,5 +621,66 @@ impl Platform for LocalPlatform {
             self.inner.refresh_status(key, entry);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn platform() -> LocalPlatform {
+        let (output, _) = Output::capture();
+        LocalPlatform::new(LocalSettings {
+            defaults: Defaults::default(),
+            cluster_domain: "cluster.local".into(),
+            output,
+        })
+    }
+
+    fn function(name: &str, label: usize) -> Function {
+        serde_yaml::from_str(&format!(
+            "apiVersion: zeroscale.dev/v1alpha1\nkind: Function\nmetadata: {{name: {name}, labels: {{v: \"{label}\"}}}}\nspec:\n  template: {{spec: {{containers: [{{name: app, command: [x]}}]}}}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_falls_behind_gets_a_fresh_reset() {
+        let p = platform();
+        p.apply(function("a", 0), Path::new("/")).unwrap();
+        let mut events = p.functions();
+        assert!(matches!(events.next().await, Some(FunctionEvent::Reset(all)) if all.len() == 1));
+        for i in 1..=EVENT_BUFFER + 10 {
+            p.apply(function("a", i), Path::new("/")).unwrap();
+        }
+        p.apply(function("b", 0), Path::new("/")).unwrap();
+        match events.next().await {
+            Some(FunctionEvent::Reset(all)) => {
+                assert_eq!(all.len(), 2, "the re-list is the current truth");
+            }
+            other => panic!("expected a Reset after falling behind, got {other:?}"),
+        }
+        p.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn metadata_only_edits_keep_the_generation() {
+        let p = platform();
+        assert_eq!(
+            p.apply(function("a", 0), Path::new("/")).unwrap(),
+            Applied::Created
+        );
+        assert_eq!(
+            p.apply(function("a", 0), Path::new("/")).unwrap(),
+            Applied::Unchanged
+        );
+        assert_eq!(
+            p.apply(function("a", 1), Path::new("/")).unwrap(),
+            Applied::Updated { restart: false }
+        );
+        let f = p.function(&FunctionKey::new("default", "a")).unwrap();
+        assert_eq!(f.metadata.generation, Some(1));
+        assert_eq!(f.status.as_ref().unwrap().observed_generation, Some(1));
+        p.shutdown().await;
     }
 }
