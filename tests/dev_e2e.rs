@@ -59,19 +59,29 @@ impl Dev {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let dev = Dev {
+        let mut dev = Dev {
             child,
             dir,
             listen,
             admin,
             log,
         };
-        eventually("dev to serve", LIMIT, || async {
-            let ok = get(dev.admin, "admin", "/functions").await.ok()?.status == 200;
-            (ok && tokio::net::TcpStream::connect(dev.listen).await.is_ok()).then_some(())
-        })
-        .await;
-        dev
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = dev.child.try_wait().unwrap() {
+                panic!("dev exited at start ({status}):\n{}", dev.log());
+            }
+            let admin_ok =
+                matches!(get(dev.admin, "admin", "/functions").await, Ok(r) if r.status == 200);
+            if admin_ok && tokio::net::TcpStream::connect(dev.listen).await.is_ok() {
+                return dev;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dev did not start serving in {LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn path(&self) -> &Path {
