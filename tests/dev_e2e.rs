@@ -341,6 +341,11 @@ async fn requests_in_flight_when_scale_down_begins_complete() {
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
     dev.replicas("steady", 1).await;
+    assert!(
+        dev.log()
+            .contains("waiting for in-flight requests before stopping"),
+        "the stopped replica had no request to drain; the test proved nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
