@@ -36,6 +36,12 @@ impl Dev {
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
+        let manifests = dir.path().to_path_buf();
+        Self::start_on(dir, &manifests).await
+    }
+
+    /// Starts dev over `manifests`, logging into `dir`.
+    async fn start_on(dir: tempfile::TempDir, manifests: &Path) -> Dev {
         let log = dir.path().join("dev.log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -48,7 +54,7 @@ impl Dev {
         let child = Command::new(env!("CARGO_BIN_EXE_zeroscale"))
             .arg("dev")
             .arg("-f")
-            .arg(dir.path())
+            .arg(manifests)
             .args(["--listen", &listen.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .env("RUST_LOG", "info")
@@ -483,4 +489,20 @@ async fn replicas_die_with_dev_even_when_it_is_sigkilled() {
         || async { replicas.iter().all(|p| !alive(*p)).then_some(()) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quick_start_serves_the_examples() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let dev = Dev::start_on(tempfile::tempdir().unwrap(), &examples).await;
+    let hello = dev.call("hello", "/").await;
+    assert_eq!(hello.status, 200, "{}", hello.body);
+    assert!(hello.headers.contains_key(COLD_START));
+    let slow = dev.call("slow", "/").await;
+    assert_eq!(slow.status, 200, "{}", slow.body);
+    assert!(
+        slow.body.starts_with("slow reply from slow-0"),
+        "{}",
+        slow.body
+    );
 }
