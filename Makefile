@@ -49,5 +49,8 @@ bench:
 e2e:
 	$(CARGO) test --test e2e_cluster -- --ignored --test-threads=1
 
+## The container image (see Dockerfile). DOCKER=podman works too.
+DOCKER ?= docker
+IMAGE ?= zeroscale:dev
 docker-build:
-	docker build -t zeroscale:dev .
+	$(DOCKER) build -t $(IMAGE) .

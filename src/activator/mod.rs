@@ -1,35 +1,170 @@
-//! The activator: the HTTP data plane every request to a Function passes through.
-//! (Stub: the activator issue fills this in; the public API below is the contract the
-//! operator, `dev` and the autoscaler build against.)
+//! The activator: the HTTP data plane every request to a Function passes through. It
+//! routes by Host, holds requests while a Function wakes from zero, balances across
+//! replicas and streams the exchange, following the platform's watches (never polling).
+//!
+//! Layers, each in its module: `routing` (Host -> Function, replicas), `gate` (queue
+//! and wake), `balancer` (P2C least in flight, per-replica caps), `pool` (keep-alive
+//! connections per replica), `proxy` (headers, bodies, upgrades, retries), `stats`
+//! (autoscaler counters, Prometheus) and `error` (the one mapping from typed failures
+//! to HTTP answers).
+//!
+//! Answers hyper gives itself, before a request reaches the proxy: 400 for a malformed
+//! request and 431 for a head larger than `max_header_bytes` (HTTP/1.1); a client that
+//! does not finish its head within `header_read_timeout` is disconnected (that timeout
+//! also closes client keep-alive connections idle that long). `timeouts.request` bounds
+//! the wait for a replica's response head; a streamed body may then take longer.
 
-use std::sync::Arc;
+mod balancer;
+mod error;
+mod gate;
+mod pool;
+mod proxy;
+mod routing;
+mod stats;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::api::Defaults;
-use crate::platform::Platform;
+use crate::api::duration::parse_duration;
+use crate::platform::{EndpointsEvent, FunctionEvent, Platform};
 use crate::stats::StatsSnapshot;
-use crate::telemetry::AdminRoute;
+use crate::telemetry::{self, AdminRoute, Readiness};
+
+use self::proxy::ConnInfo;
+use self::routing::{Conf, Table};
+use self::stats::Metrics;
 
 /// Errors of the activator.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     Other(String),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Flags of `zeroscale activator`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    /// Address for Function traffic.
+    #[arg(long, env = "ZEROSCALE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Address for `/metrics`, `/stats`, `/healthz` and `/readyz`.
+    #[arg(long, env = "ZEROSCALE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// Namespace whose Functions to serve; empty for all namespaces.
+    #[arg(long, env = "ZEROSCALE_NAMESPACE", default_value = "")]
+    pub namespace: String,
+    /// This activator's name in its stats (the pod name); a random id when unset.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Largest request body accepted, in bytes (413 beyond, also for chunked bodies).
+    #[arg(long, env = "ZEROSCALE_MAX_BODY_BYTES", default_value_t = Settings::default().max_body_bytes)]
+    pub max_body_bytes: u64,
+    /// Largest request head accepted, in bytes (431 beyond; at least 8192).
+    #[arg(long, env = "ZEROSCALE_MAX_HEADER_BYTES", default_value_t = Settings::default().max_header_bytes)]
+    pub max_header_bytes: usize,
+    /// Time a client has to send its request head (e.g. `10s`).
+    #[arg(long, env = "ZEROSCALE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
+    pub header_read_timeout: Duration,
+    /// Time in-flight requests get to finish on shutdown (e.g. `30s`).
+    #[arg(long, env = "ZEROSCALE_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
+    pub drain_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` headers are trusted and extended (comma-separated
+    /// CIDRs or addresses, e.g. an ingress controller's pod network). Others' are replaced.
+    #[arg(long, env = "ZEROSCALE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = cidr_arg)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     #[command(flatten)]
     pub shared: crate::api::config::SharedArgs,
 }
 
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn cidr_arg(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not a CIDR (10.0.0.0/8) or an IP address"))
+}
+
 /// Runs the activator until SIGTERM.
-pub async fn run(_config: Config) -> crate::Result<()> {
-    Err(Error::Other("not implemented yet".into()).into())
+pub async fn run(config: Config) -> crate::Result<()> {
+    let defaults = Defaults::load(config.shared.defaults_file.as_deref())?;
+    let settings = Settings {
+        cluster_domain: config.shared.cluster_domain.clone(),
+        defaults,
+        id: config
+            .pod_name
+            .clone()
+            .unwrap_or_else(|| format!("activator-{:08x}", rand::random::<u32>())),
+        max_body_bytes: config.max_body_bytes,
+        max_header_bytes: config.max_header_bytes,
+        header_read_timeout: config.header_read_timeout,
+        drain_timeout: config.drain_timeout,
+        trusted_proxies: config.trusted_proxies.clone(),
+        ..Settings::default()
+    };
+    let client = kube::Client::try_default().await?;
+    let namespace = (!config.namespace.is_empty()).then(|| config.namespace.clone());
+    let platform = Arc::new(crate::platform::kube::KubePlatform::new(client, namespace));
+    let registry = prometheus::Registry::new();
+    let activator = Activator::new(platform, settings, &registry)?;
+
+    let listener = telemetry::bind(config.listen, "traffic").await?;
+    let admin = telemetry::bind(config.admin_listen, "admin").await?;
+    let readiness = Readiness::default();
+    let shutdown = CancellationToken::new();
+    let admin_shutdown = CancellationToken::new();
+    let admin_task = tokio::spawn(telemetry::serve_admin(
+        admin,
+        registry,
+        readiness.clone(),
+        Some(activator.admin_route()),
+        admin_shutdown.clone(),
+    ));
+    {
+        let (activator, readiness, shutdown) =
+            (activator.clone(), readiness.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            activator.synced().await;
+            if !shutdown.is_cancelled() {
+                info!("routing table synced; ready");
+                readiness.set(true);
+            }
+        });
+    }
+    {
+        let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            telemetry::shutdown_signal().await;
+            // Fail readiness first so endpoints stop sending, then stop accepting.
+            readiness.set(false);
+            shutdown.cancel();
+        });
+    }
+    let result = activator.run(listener, shutdown).await;
+    admin_shutdown.cancel();
+    let _ = admin_task.await;
+    result
 }
 
 /// How an activator behaves (parsed once from flags, or built by `dev` and tests).
@@ -47,6 +182,12 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` headers are kept and extended rather than replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Longest a TCP connect to a replica may take before another replica is tried.
+    pub connect_timeout: Duration,
+    /// Idle keep-alive connections to replicas are closed after this.
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -59,6 +200,9 @@ impl Default for Settings {
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
+            connect_timeout: Duration::from_secs(3),
+            pool_idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -66,45 +210,261 @@ impl Default for Settings {
 /// The data plane: routing table, queues, balancer and proxy.
 pub struct Activator {
     settings: Settings,
+    platform: Arc<dyn Platform>,
+    table: RwLock<Table>,
+    metrics: Metrics,
+    /// Bit 0: Functions listed; bit 1: endpoints listed.
+    synced: watch::Sender<u8>,
 }
 
 impl Activator {
     /// Builds an activator over a platform, registering its metrics in `registry`.
     pub fn new(
-        _platform: Arc<dyn Platform>,
+        platform: Arc<dyn Platform>,
         settings: Settings,
-        _registry: &prometheus::Registry,
+        registry: &prometheus::Registry,
     ) -> crate::Result<Arc<Self>> {
-        Ok(Arc::new(Self { settings }))
+        let metrics = Metrics::new(registry).map_err(Error::from)?;
+        Ok(Arc::new(Self {
+            table: RwLock::new(Table::new(&settings.cluster_domain)),
+            settings,
+            platform,
+            metrics,
+            synced: watch::Sender::new(0),
+        }))
+    }
+
+    fn table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once the first full list of Functions and of endpoints is applied: from
+    /// then on the activator routes what the platform knows.
+    pub async fn synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|v| *v == 3).await;
     }
 
     /// Follows the platform's Functions and endpoints and serves traffic on `listener`
     /// until `shutdown`, then drains in-flight requests.
     pub async fn run(
         self: Arc<Self>,
-        _listener: TcpListener,
-        _shutdown: CancellationToken,
+        listener: TcpListener,
+        shutdown: CancellationToken,
     ) -> crate::Result<()> {
-        Err(Error::Other(format!(
-            "activator {} not implemented yet",
-            self.settings.id
-        ))
-        .into())
+        let follower = tokio::spawn(self.clone().follow(shutdown.clone()));
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .max_buf_size(self.settings.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(
+                u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
+            );
+        let graceful = GracefulShutdown::new();
+        info!(addr = ?listener.local_addr().ok(), id = %self.settings.id, "activator listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let conn_info = Arc::new(ConnInfo::new(peer, &self.settings.trusted_proxies));
+            let act = self.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let act = act.clone();
+                let conn_info = conn_info.clone();
+                async move { Ok::<_, Infallible>(proxy::handle(&act, &conn_info, req).await) }
+            });
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(%peer, error = %e, "client connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        info!(timeout = ?self.settings.drain_timeout, "stopped accepting; draining");
+        match tokio::time::timeout(self.settings.drain_timeout, graceful.shutdown()).await {
+            Ok(()) => info!("drained"),
+            Err(_) => warn!("drain timeout passed; cutting the remaining connections"),
+        }
+        follower.abort();
+        Ok(())
+    }
+
+    /// Applies the platform's events to the routing table until `shutdown`.
+    async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut functions = self.platform.functions();
+        let mut endpoints = self.platform.endpoints();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(ev) = functions.next() => self.on_function_event(ev),
+                Some(ev) = endpoints.next() => self.on_endpoints_event(ev),
+                else => {
+                    warn!("the platform's watches ended");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_function_event(&self, ev: FunctionEvent) {
+        // Specs are resolved before the table is locked, so requests never wait on it.
+        let defaults = &self.settings.defaults;
+        let deleted = match ev {
+            FunctionEvent::Applied(f) => {
+                let conf = Conf::resolve(&f, defaults);
+                self.table_mut().apply(&f, conf);
+                Vec::new()
+            }
+            FunctionEvent::Deleted(key) => self.table_mut().delete(&key).into_iter().collect(),
+            FunctionEvent::Reset(all) => {
+                let n = all.len();
+                let resolved = all
+                    .into_iter()
+                    .map(|f| {
+                        let conf = Conf::resolve(&f, defaults);
+                        (f, conf)
+                    })
+                    .collect();
+                let deleted = self.table_mut().reset(resolved);
+                info!(functions = n, "Functions listed");
+                self.synced.send_modify(|v| *v |= 1);
+                deleted
+            }
+        };
+        for fs in deleted {
+            if let Some(t) = fs.traffic_if_any() {
+                self.metrics.forget(&fs.key, &t.metrics);
+            }
+        }
+    }
+
+    fn on_endpoints_event(&self, ev: EndpointsEvent) {
+        match ev {
+            EndpointsEvent::Updated(key, eps) => self.table_mut().set_endpoints(&key, &eps),
+            EndpointsEvent::Reset(all) => {
+                self.table_mut().reset_endpoints(&all);
+                self.synced.send_modify(|v| *v |= 2);
+            }
+        }
     }
 
     /// The per-Function counters the autoscaler reads.
     pub fn snapshot(&self) -> StatsSnapshot {
-        StatsSnapshot::default()
+        let now = tokio::time::Instant::now();
+        let table = self.table();
+        let functions = table
+            .states()
+            .filter_map(|fs| Some(fs.traffic_if_any()?.counters.read(&fs.key, now)))
+            .collect();
+        StatsSnapshot {
+            activator: self.settings.id.clone(),
+            taken_unix_ms: jiff::Timestamp::now().as_millisecond(),
+            functions,
+        }
+    }
+
+    /// Number of Functions in the routing table.
+    pub fn function_count(&self) -> usize {
+        self.table().len()
     }
 
     /// Requests in flight to one replica now; `dev` waits for zero before it stops a
     /// replica, so a scale-down never cuts a request.
-    pub fn endpoint_in_flight(&self, _addr: std::net::SocketAddr) -> u64 {
-        0
+    pub fn endpoint_in_flight(&self, addr: SocketAddr) -> u64 {
+        self.table().endpoint_in_flight(addr)
     }
 
     /// The `/stats` route for the admin endpoint.
     pub fn admin_route(self: &Arc<Self>) -> AdminRoute {
-        Arc::new(|_| None)
+        let weak = Arc::downgrade(self);
+        Arc::new(move |path: &str| {
+            if path != "/stats" && !path.starts_with("/stats?") {
+                return None;
+            }
+            let act = weak.upgrade()?;
+            Some(match serde_json::to_vec(&act.snapshot()) {
+                Ok(body) => {
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                Err(e) => telemetry::text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding stats: {e}"),
+                ),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn flags_parse_into_typed_settings() {
+        let c = Cli::try_parse_from([
+            "activator",
+            "--listen",
+            "127.0.0.1:8081",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.168.1.7",
+            "--drain-timeout",
+            "5s",
+            "--header-read-timeout",
+            "1m",
+            "--max-body-bytes",
+            "1024",
+            "--cluster-domain",
+            "example.internal",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(c.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(
+            c.trusted_proxies,
+            vec![
+                "10.0.0.0/8".parse::<ipnet::IpNet>().unwrap(),
+                "192.168.1.7/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_body_bytes, 1024);
+        assert_eq!(c.shared.cluster_domain, "example.internal");
+        assert!(Cli::try_parse_from(["activator", "--trusted-proxies", "nonsense"]).is_err());
     }
 }

@@ -1,7 +1,17 @@
 //! The autoscaler: replicas that follow the request load, and zero when idle.
-//! (Stub: the autoscaler issue fills this in; the public API below is the contract.)
+//!
+//! [`decider`] is the pure KPA-style decision (its docs hold the algorithm and the
+//! defaults), [`collector`] reads and sums the activators' stats, `scaler` is the loop
+//! that applies decisions through the [`Platform`], and [`simulate`] replays synthetic
+//! traces through the decider for tests and benchmarks.
+
+pub mod collector;
+pub mod decider;
+mod scaler;
+pub mod simulate;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +23,8 @@ use crate::stats::StatsSnapshot;
 /// Errors of the autoscaler.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Other(String),
 }
@@ -49,57 +61,63 @@ where
     }
 }
 
+/// How the autoscaler loop runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Time between decisions. Default 1s.
+    pub tick: Duration,
+    /// How long an activator that stopped answering still counts with its last values
+    /// before it is forgotten. Default 5s.
+    pub stale_after: Duration,
+    /// Platform calls in flight at once during a tick. Default 16.
+    pub concurrency: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            stale_after: Duration::from_secs(5),
+            concurrency: 16,
+        }
+    }
+}
+
 /// Collects stats, decides, and applies replica counts for every Function.
 pub struct Autoscaler {
-    _platform: Arc<dyn Platform>,
+    scaler: scaler::Scaler,
 }
 
 impl Autoscaler {
+    /// An autoscaler with the default [`Settings`], registering its metrics in `registry`.
     pub fn new(
         platform: Arc<dyn Platform>,
-        _source: Arc<dyn StatsSource>,
-        _defaults: Defaults,
-        _registry: &prometheus::Registry,
+        source: Arc<dyn StatsSource>,
+        defaults: Defaults,
+        registry: &prometheus::Registry,
     ) -> crate::Result<Self> {
+        Self::with_settings(platform, source, defaults, registry, Settings::default())
+    }
+
+    /// An autoscaler with explicit [`Settings`] (tests use a short tick).
+    pub fn with_settings(
+        platform: Arc<dyn Platform>,
+        source: Arc<dyn StatsSource>,
+        defaults: Defaults,
+        registry: &prometheus::Registry,
+        settings: Settings,
+    ) -> crate::Result<Self> {
+        if settings.tick.is_zero() {
+            return Err(Error::Other("the autoscaler tick must be longer than zero".into()).into());
+        }
+        let metrics = scaler::Metrics::register(registry).map_err(crate::Error::from)?;
         Ok(Self {
-            _platform: platform,
+            scaler: scaler::Scaler::new(platform, source, defaults, settings, metrics),
         })
     }
 
     /// Runs one decision per tick until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> crate::Result<()> {
-        shutdown.cancelled().await;
-        Ok(())
-    }
-}
-
-pub mod collector {
-    //! Reads stats from every activator pod. (Stub: the autoscaler issue fills it in.)
-    use async_trait::async_trait;
-
-    use super::{Reading, StatsSource};
-
-    /// Reads `/stats` from each ready endpoint of the activator Service (port `admin`).
-    pub struct HttpSource {
-        _client: kube::Client,
-        _namespace: String,
-        _service: String,
-    }
-
-    impl HttpSource {
-        pub fn new(client: kube::Client, namespace: String, service: String) -> Self {
-            Self {
-                _client: client,
-                _namespace: namespace,
-                _service: service,
-            }
-        }
-    }
-
-    #[async_trait]
-    impl StatsSource for HttpSource {
-        async fn collect(&self) -> Vec<Reading> {
-            Vec::new()
-        }
+        self.scaler.run(shutdown).await
     }
 }

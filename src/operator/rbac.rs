@@ -34,26 +34,34 @@ const fn rule(
     }
 }
 
-/// What `zeroscale operator` (reconciler, autoscaler, leader election) calls.
+/// What `zeroscale operator` (reconciler, autoscaler, leader election) calls. Objects
+/// are written with server-side apply (PATCH), which creates them too; nothing is
+/// created with POST, replaced with PUT or deleted (owner references let the garbage
+/// collector delete).
 pub const OPERATOR_RULES: &[Rule] = &[
+    // Reconciler and autoscaler watches.
     rule(
         "zeroscale.dev",
         &["functions"],
-        &["get", "list", "watch"],
+        &["list", "watch"],
         Scope::Watched,
     ),
+    // Status: the reconciler's and the autoscaler's fields, by server-side apply.
     rule(
         "zeroscale.dev",
         &["functions/status"],
-        &["get", "patch", "update"],
+        &["patch"],
         Scope::Watched,
     ),
+    // Owned Deployments: watched, read before a first apply, applied. `get` also backs
+    // the autoscaler's replica counts.
     rule(
         "apps",
         &["deployments"],
-        &["get", "list", "watch", "create", "patch", "update"],
+        &["get", "list", "watch", "patch"],
         Scope::Watched,
     ),
+    // The autoscaler and wakes: read, replace with a resourceVersion, or merge-patch.
     rule(
         "apps",
         &["deployments/scale"],
@@ -63,18 +71,26 @@ pub const OPERATOR_RULES: &[Rule] = &[
     rule(
         "",
         &["services"],
-        &["get", "list", "watch", "create", "patch", "update"],
+        &["get", "list", "watch", "patch"],
         Scope::Watched,
     ),
+    // The activator slices the operator writes, and the pod slices the platform reads.
     rule(
         "discovery.k8s.io",
         &["endpointslices"],
-        &[
-            "get", "list", "watch", "create", "patch", "update", "delete",
-        ],
+        &["get", "list", "watch", "patch"],
         Scope::Watched,
     ),
-    rule("", &["pods"], &["get", "list", "watch"], Scope::Watched),
+    // The activator Service's slices (they live in zeroscale's own namespace, which a
+    // namespace-scoped install does not watch otherwise).
+    rule(
+        "discovery.k8s.io",
+        &["endpointslices"],
+        &["list", "watch"],
+        Scope::OwnNamespace,
+    ),
+    // Startup failures (image pull, crash loop, unschedulable) come from the pods.
+    rule("", &["pods"], &["list", "watch"], Scope::Watched),
     rule(
         "events.k8s.io",
         &["events"],
@@ -84,7 +100,7 @@ pub const OPERATOR_RULES: &[Rule] = &[
     rule(
         "coordination.k8s.io",
         &["leases"],
-        &["get", "create", "update", "patch"],
+        &["get", "create", "update"],
         Scope::OwnNamespace,
     ),
 ];

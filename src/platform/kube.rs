@@ -1,26 +1,255 @@
-//! The Kubernetes platform. (Stub: the operator issue fills this in.)
+//! The Kubernetes platform: Functions and their ready replicas from watches, replica
+//! changes through the Deployment scale subresource (optimistic concurrency on its
+//! resourceVersion), and the autoscaler's status fields through server-side apply.
+//!
+//! A Function's replicas are the EndpointSlices of its private Service `<name>-private`,
+//! found by the label the operator puts on that Service (the EndpointSlice controller
+//! copies a Service's labels onto its slices).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v1::{Scale as KubeScale, ScaleSpec};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use tracing::{debug, warn};
 
 use super::{
-    AutoscalerStatus, EndpointsEvent, FunctionEvent, Platform, PlatformError, Scale, WakeOutcome,
+    AutoscalerStatus, Endpoint, EndpointsEvent, FunctionEvent, Platform, PlatformError, Scale,
+    WakeOutcome,
 };
-use crate::api::FunctionKey;
+use crate::api::{FUNCTION_LABEL, Function, FunctionKey};
+
+/// The label (with value `private`) on a Function's private Service and so its slices.
+pub const PRIVATE_SERVICE_SELECTOR: &str = "zeroscale.dev/service=private";
+/// The field manager of the autoscaler's status fields.
+pub const AUTOSCALER_FIELD_MANAGER: &str = "zeroscale-autoscaler";
+/// The field manager of wakes (activator) and of autoscaler scale changes; recorded as
+/// the owner of the Deployment's `spec.replicas`, which tells the reconciler to keep out.
+pub const WAKE_FIELD_MANAGER: &str = "zeroscale-activator";
+/// The port name of the private Service (and so of its slices).
+const PORT_NAME: &str = "http";
 
 /// Functions, endpoints and scale through the Kubernetes API.
 #[derive(Clone)]
 pub struct KubePlatform {
-    _client: kube::Client,
-    _namespace: Option<String>,
+    client: kube::Client,
+    namespace: Option<String>,
+    recorder: Recorder,
 }
 
 impl KubePlatform {
     /// Watches Functions in `namespace` (all namespaces when `None`).
     pub fn new(client: kube::Client, namespace: Option<String>) -> Self {
+        // The instance is the host name, which is the pod name in a cluster.
+        let recorder = Recorder::new(client.clone(), Reporter::from("zeroscale-autoscaler"));
         Self {
-            _client: client,
-            _namespace: namespace,
+            client,
+            namespace,
+            recorder,
+        }
+    }
+
+    fn all<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    fn deployments(&self, key: &FunctionKey) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &key.namespace)
+    }
+}
+
+fn not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn map_err(key: &FunctionKey, e: kube::Error) -> PlatformError {
+    if not_found(&e) {
+        PlatformError::NotFound(key.clone())
+    } else if conflict(&e) {
+        PlatformError::Conflict(key.clone())
+    } else {
+        PlatformError::Kube(e)
+    }
+}
+
+fn post_params(manager: &str) -> PostParams {
+    PostParams {
+        field_manager: Some(manager.into()),
+        ..PostParams::default()
+    }
+}
+
+fn scale_object(key: &FunctionKey, replicas: u32, version: Option<&str>) -> KubeScale {
+    KubeScale {
+        metadata: ObjectMeta {
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            resource_version: version.map(str::to_string),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ScaleSpec {
+            replicas: Some(i32::try_from(replicas).unwrap_or(i32::MAX)),
+        }),
+        status: None,
+    }
+}
+
+/// Turns the raw watcher events of Functions into [`FunctionEvent`]s: a (re-)list is
+/// buffered and emitted whole as a `Reset`.
+#[derive(Default)]
+struct FunctionRelist {
+    buffer: Option<Vec<Arc<Function>>>,
+}
+
+impl FunctionRelist {
+    fn handle(&mut self, event: watcher::Event<Function>) -> Option<FunctionEvent> {
+        match event {
+            watcher::Event::Init => {
+                self.buffer = Some(Vec::new());
+                None
+            }
+            watcher::Event::InitApply(f) => {
+                self.buffer.get_or_insert_with(Vec::new).push(Arc::new(f));
+                None
+            }
+            watcher::Event::InitDone => {
+                Some(FunctionEvent::Reset(self.buffer.take().unwrap_or_default()))
+            }
+            watcher::Event::Apply(f) => Some(FunctionEvent::Applied(Arc::new(f))),
+            watcher::Event::Delete(f) => Some(FunctionEvent::Deleted(f.key())),
+        }
+    }
+}
+
+/// The ready endpoints of one slice: addresses whose `ready` is not false and which are
+/// not terminating, on the slice's `http` port.
+pub fn slice_endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
+    let Some(port) = slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(PORT_NAME))
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in &slice.endpoints {
+        let c = e.conditions.as_ref();
+        if c.and_then(|c| c.ready) == Some(false) || c.and_then(|c| c.terminating) == Some(true) {
+            continue;
+        }
+        for address in &e.addresses {
+            let Ok(ip) = address.parse::<IpAddr>() else {
+                continue;
+            };
+            let name = e
+                .target_ref
+                .as_ref()
+                .and_then(|t| t.name.clone())
+                .unwrap_or_else(|| ip.to_string());
+            out.push(Endpoint {
+                addr: SocketAddr::new(ip, port),
+                name,
+            });
+        }
+    }
+    out
+}
+
+/// (namespace, slice name) of an EndpointSlice.
+type SliceId = (String, String);
+/// The Function a slice belongs to and its ready endpoints in that slice.
+type SliceEntry = (FunctionKey, Vec<Endpoint>);
+
+/// Keeps every private slice and aggregates them per Function; a (re-)list replaces all.
+#[derive(Default)]
+struct EndpointsState {
+    slices: HashMap<SliceId, SliceEntry>,
+    relist: Option<HashMap<SliceId, SliceEntry>>,
+}
+
+impl EndpointsState {
+    fn entry(slice: &EndpointSlice) -> Option<(SliceId, SliceEntry)> {
+        let ns = slice.namespace()?;
+        let function = slice.labels().get(FUNCTION_LABEL)?.clone();
+        Some((
+            (ns.clone(), slice.name_any()),
+            (FunctionKey::new(ns, function), slice_endpoints(slice)),
+        ))
+    }
+
+    fn of(&self, key: &FunctionKey) -> Vec<Endpoint> {
+        let mut all: Vec<Endpoint> = self
+            .slices
+            .values()
+            .filter(|(k, _)| k == key)
+            .flat_map(|(_, e)| e.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    fn handle(&mut self, event: watcher::Event<EndpointSlice>) -> Option<EndpointsEvent> {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(HashMap::new());
+                None
+            }
+            watcher::Event::InitApply(s) => {
+                if let Some((k, v)) = Self::entry(&s) {
+                    self.relist.get_or_insert_with(HashMap::new).insert(k, v);
+                }
+                None
+            }
+            watcher::Event::InitDone => {
+                self.slices = self.relist.take().unwrap_or_default();
+                let keys: std::collections::BTreeSet<FunctionKey> =
+                    self.slices.values().map(|(k, _)| k.clone()).collect();
+                Some(EndpointsEvent::Reset(
+                    keys.into_iter()
+                        .map(|k| {
+                            let e = self.of(&k);
+                            (k, e)
+                        })
+                        .collect(),
+                ))
+            }
+            watcher::Event::Apply(s) => {
+                let (k, v) = Self::entry(&s)?;
+                let key = v.0.clone();
+                let before = self.of(&key);
+                self.slices.insert(k, v);
+                let after = self.of(&key);
+                (before != after).then_some(EndpointsEvent::Updated(key, after))
+            }
+            watcher::Event::Delete(s) => {
+                let ns = s.namespace()?;
+                let (key, _) = self.slices.remove(&(ns, s.name_any()))?;
+                Some(EndpointsEvent::Updated(key.clone(), self.of(&key)))
+            }
         }
     }
 }
@@ -28,31 +257,308 @@ impl KubePlatform {
 #[async_trait]
 impl Platform for KubePlatform {
     fn functions(&self) -> BoxStream<'static, FunctionEvent> {
-        stream::pending().boxed()
+        let mut state = FunctionRelist::default();
+        watcher(self.all::<Function>(), watcher::Config::default())
+            .default_backoff()
+            .filter_map(move |event| {
+                let out = match event {
+                    Ok(e) => state.handle(e),
+                    Err(e) => {
+                        warn!(error = %e, "watching Functions (retrying)");
+                        None
+                    }
+                };
+                std::future::ready(out)
+            })
+            .boxed()
     }
+
     fn endpoints(&self) -> BoxStream<'static, EndpointsEvent> {
-        stream::pending().boxed()
+        let mut state = EndpointsState::default();
+        let config = watcher::Config::default().labels(PRIVATE_SERVICE_SELECTOR);
+        watcher(self.all::<EndpointSlice>(), config)
+            .default_backoff()
+            .filter_map(move |event| {
+                let out = match event {
+                    Ok(e) => state.handle(e),
+                    Err(e) => {
+                        warn!(error = %e, "watching EndpointSlices (retrying)");
+                        None
+                    }
+                };
+                std::future::ready(out)
+            })
+            .boxed()
     }
-    async fn wake(&self, key: &FunctionKey, _replicas: u32) -> Result<WakeOutcome, PlatformError> {
-        Err(PlatformError::NotFound(key.clone()))
+
+    async fn wake(&self, key: &FunctionKey, replicas: u32) -> Result<WakeOutcome, PlatformError> {
+        let api = self.deployments(key);
+        // A conflict means someone else changed the scale between our read and write:
+        // read again; it is almost always a concurrent wake.
+        for _ in 0..3 {
+            let current = api
+                .get_scale(&key.name)
+                .await
+                .map_err(|e| map_err(key, e))?;
+            if current.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0 {
+                return Ok(WakeOutcome::AlreadyAwake);
+            }
+            let version = current.metadata.resource_version.as_deref();
+            match api
+                .replace_scale(
+                    &key.name,
+                    &post_params(WAKE_FIELD_MANAGER),
+                    &scale_object(key, replicas, version),
+                )
+                .await
+            {
+                Ok(_) => return Ok(WakeOutcome::Woken),
+                Err(e) if conflict(&e) => {
+                    debug!(function = %key, "wake raced another writer, re-reading");
+                    continue;
+                }
+                Err(e) => return Err(map_err(key, e)),
+            }
+        }
+        Err(PlatformError::Conflict(key.clone()))
     }
+
     async fn scale(&self, key: &FunctionKey) -> Result<Scale, PlatformError> {
-        Err(PlatformError::NotFound(key.clone()))
+        let d = self
+            .deployments(key)
+            .get(&key.name)
+            .await
+            .map_err(|e| map_err(key, e))?;
+        let count = |v: Option<i32>| u32::try_from(v.unwrap_or(0)).unwrap_or(0);
+        Ok(Scale {
+            desired: count(d.spec.as_ref().and_then(|s| s.replicas)),
+            ready: count(d.status.as_ref().and_then(|s| s.ready_replicas)),
+            version: d.metadata.resource_version.clone(),
+        })
     }
+
     async fn set_scale(
         &self,
         key: &FunctionKey,
-        _r: u32,
-        _v: Option<&str>,
-        _reason: &str,
+        replicas: u32,
+        expected_version: Option<&str>,
+        reason: &str,
     ) -> Result<(), PlatformError> {
-        Err(PlatformError::NotFound(key.clone()))
+        let api = self.deployments(key);
+        let result = match expected_version {
+            Some(version) => api
+                .replace_scale(
+                    &key.name,
+                    &post_params(AUTOSCALER_FIELD_MANAGER),
+                    &scale_object(key, replicas, Some(version)),
+                )
+                .await
+                .map(|_| ()),
+            None => api
+                .patch_scale(
+                    &key.name,
+                    &PatchParams {
+                        field_manager: Some(AUTOSCALER_FIELD_MANAGER.into()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
+                )
+                .await
+                .map(|_| ()),
+        };
+        result.map_err(|e| map_err(key, e))?;
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "Scaled".into(),
+            note: Some(
+                format!("scaled to {replicas}: {reason}")
+                    .chars()
+                    .take(1000)
+                    .collect(),
+            ),
+            action: "Scale".into(),
+            secondary: None,
+        };
+        let reference = ObjectReference {
+            api_version: Some(Function::api_version(&()).into_owned()),
+            kind: Some(Function::kind(&()).into_owned()),
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            ..ObjectReference::default()
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            debug!(function = %key, error = %e, "recording the scale event failed");
+        }
+        Ok(())
     }
+
     async fn publish_autoscaler_status(
         &self,
         key: &FunctionKey,
-        _s: &AutoscalerStatus,
+        status: &AutoscalerStatus,
     ) -> Result<(), PlatformError> {
-        Err(PlatformError::NotFound(key.clone()))
+        let api: Api<Function> = Api::namespaced(self.client.clone(), &key.namespace);
+        let mut fields = BTreeMap::new();
+        fields.insert(
+            "desiredReplicas",
+            serde_json::json!(i32::try_from(status.desired_replicas).unwrap_or(i32::MAX)),
+        );
+        if let Some(t) = status.last_request_time {
+            fields.insert("lastRequestTime", serde_json::json!(Time(t)));
+        }
+        let body = serde_json::json!({
+            "apiVersion": Function::api_version(&()),
+            "kind": Function::kind(&()),
+            "metadata": {"name": key.name},
+            "status": fields,
+        });
+        api.patch_status(
+            &key.name,
+            &PatchParams::apply(AUTOSCALER_FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|e| map_err(key, e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::{
+        Endpoint as SliceEndpoint, EndpointConditions, EndpointPort,
+    };
+
+    fn slice(
+        name: &str,
+        function: &str,
+        endpoints: Vec<(&str, Option<bool>, Option<bool>)>,
+    ) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                labels: Some(BTreeMap::from([
+                    (FUNCTION_LABEL.to_string(), function.to_string()),
+                    ("zeroscale.dev/service".to_string(), "private".to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: endpoints
+                .into_iter()
+                .map(|(ip, ready, terminating)| SliceEndpoint {
+                    addresses: vec![ip.into()],
+                    conditions: Some(EndpointConditions {
+                        ready,
+                        serving: None,
+                        terminating,
+                    }),
+                    target_ref: Some(ObjectReference {
+                        name: Some(format!("pod-{ip}")),
+                        ..ObjectReference::default()
+                    }),
+                    ..SliceEndpoint::default()
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                ..EndpointPort::default()
+            }]),
+        }
+    }
+
+    #[test]
+    fn only_ready_and_not_terminating_endpoints_count() {
+        let s = slice(
+            "hello-private-abc",
+            "hello",
+            vec![
+                ("10.0.0.1", Some(true), None),
+                ("10.0.0.2", None, None),
+                ("10.0.0.3", Some(false), None),
+                ("10.0.0.4", Some(true), Some(true)),
+            ],
+        );
+        let got: Vec<String> = slice_endpoints(&s)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(got, vec!["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(slice_endpoints(&s)[0].name, "pod-10.0.0.1");
+    }
+
+    #[test]
+    fn slices_aggregate_per_function_and_relist_is_the_truth() {
+        let mut state = EndpointsState::default();
+        let key = FunctionKey::new("default", "hello");
+        assert!(state.handle(watcher::Event::Init).is_none());
+        state.handle(watcher::Event::InitApply(slice(
+            "a",
+            "hello",
+            vec![("10.0.0.1", None, None)],
+        )));
+        match state.handle(watcher::Event::InitDone) {
+            Some(EndpointsEvent::Reset(all)) => {
+                assert_eq!(all.len(), 1);
+                assert_eq!(all[0].0, key);
+                assert_eq!(all[0].1.len(), 1);
+            }
+            other => panic!("expected a reset, got {other:?}"),
+        }
+        // A second slice of the same Function adds to the set.
+        match state.handle(watcher::Event::Apply(slice(
+            "b",
+            "hello",
+            vec![("10.0.0.2", None, None)],
+        ))) {
+            Some(EndpointsEvent::Updated(k, e)) => {
+                assert_eq!(k, key);
+                assert_eq!(e.len(), 2);
+            }
+            other => panic!("expected an update, got {other:?}"),
+        }
+        // Deleting one slice leaves the other's endpoints.
+        match state.handle(watcher::Event::Delete(slice("a", "hello", vec![]))) {
+            Some(EndpointsEvent::Updated(_, e)) => {
+                assert_eq!(e.len(), 1);
+                assert_eq!(e[0].addr.to_string(), "10.0.0.2:8080");
+            }
+            other => panic!("expected an update, got {other:?}"),
+        }
+        // A re-list without any slice resets to nothing.
+        state.handle(watcher::Event::Init);
+        match state.handle(watcher::Event::InitDone) {
+            Some(EndpointsEvent::Reset(all)) => assert!(all.is_empty()),
+            other => panic!("expected a reset, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_function_relist_becomes_one_reset() {
+        let mut state = FunctionRelist::default();
+        let f = Function::new(
+            "hello",
+            crate::api::FunctionSpec {
+                template: crate::api::PodTemplate::default(),
+                port: None,
+                hosts: vec![],
+                scale: None,
+                timeouts: None,
+                queue: None,
+            },
+        );
+        assert!(state.handle(watcher::Event::Init).is_none());
+        assert!(state.handle(watcher::Event::InitApply(f.clone())).is_none());
+        match state.handle(watcher::Event::InitDone) {
+            Some(FunctionEvent::Reset(all)) => assert_eq!(all.len(), 1),
+            other => panic!("expected a reset, got {other:?}"),
+        }
+        assert!(matches!(
+            state.handle(watcher::Event::Delete(f)),
+            Some(FunctionEvent::Deleted(_))
+        ));
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod kube;
 pub mod local;
+pub mod memory;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,153 @@
+//! Keep-alive HTTP/1.1 connections to replicas: a small stack of idle connections per
+//! replica (so there is no pool-wide lock), checked out per request and checked back in
+//! when its response has been read to the end.
+//!
+//! Written on hyper's connection API rather than hyper-util's legacy `Client` because
+//! the proxy needs what that client hides: whether a failure happened before the request
+//! was written (then it is retried, on another replica for a connect failure), and no
+//! extra task per request to return a connection to the pool.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::proxy::UpstreamBody;
+
+/// Idle connections kept per replica at most.
+const MAX_IDLE_PER_REPLICA: usize = 512;
+/// Connections being opened to one replica at once. A burst (the queue of a cold start
+/// released at once) then reuses connections as responses complete instead of
+/// overflowing a fresh replica's accept backlog (Python's http.server listens with 5).
+const MAX_CONNECTING_PER_REPLICA: usize = 8;
+
+/// An HTTP/1.1 connection to a replica, ready for a request.
+pub(crate) type Conn = SendRequest<UpstreamBody>;
+
+/// Why a replica could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("connecting to {addr}: {source}")]
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {addr}: timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// The idle connections of one replica, newest last.
+#[derive(Default)]
+pub(crate) struct IdleConns {
+    stack: Mutex<Vec<(Conn, Instant)>>,
+    connecting: AtomicUsize,
+    /// A connection was checked in, or a connect finished.
+    changed: Notify,
+}
+
+impl std::fmt::Debug for IdleConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.stack.lock().map_or(0, |s| s.len());
+        f.debug_struct("IdleConns").field("idle", &n).finish()
+    }
+}
+
+impl IdleConns {
+    /// A connection for one request: an idle one, a new one, or, while the most
+    /// connects are under way, the first one to come back. `true` when it was pooled.
+    pub(crate) async fn acquire(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<(Conn, bool), ConnectError> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(conn) = self.checkout() {
+                return Ok((conn, true));
+            }
+            if self.connecting.fetch_add(1, Ordering::AcqRel) < MAX_CONNECTING_PER_REPLICA {
+                let result = connect(addr, connect_timeout).await;
+                self.connecting.fetch_sub(1, Ordering::AcqRel);
+                self.changed.notify_one();
+                return result.map(|conn| (conn, false));
+            }
+            self.connecting.fetch_sub(1, Ordering::AcqRel);
+            changed.await;
+        }
+    }
+
+    /// The most recently used idle connection that is ready, if any. Closed ones are
+    /// dropped; one still finishing its last exchange is left for later.
+    fn checkout(&self) -> Option<Conn> {
+        let mut stack = self.stack.lock().ok()?;
+        let mut i = stack.len();
+        while i > 0 {
+            i -= 1;
+            if stack[i].0.is_closed() {
+                stack.remove(i);
+            } else if stack[i].0.is_ready() {
+                return Some(stack.remove(i).0);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read to the end. Connections idle
+    /// longer than `idle_timeout` are closed on the way.
+    pub(crate) fn checkin(&self, conn: Conn, idle_timeout: Duration) {
+        if conn.is_closed() {
+            return;
+        }
+        let Ok(mut stack) = self.stack.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let stale = stack
+            .iter()
+            .take_while(|(_, since)| now.saturating_duration_since(*since) > idle_timeout)
+            .count();
+        stack.drain(..stale);
+        if stack.len() < MAX_IDLE_PER_REPLICA {
+            stack.push((conn, now));
+        }
+        drop(stack);
+        self.changed.notify_one();
+    }
+}
+
+/// Opens a new connection and spawns the task that drives it.
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
+        Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(%addr, error = %e, "replica connection ended with an error");
+        }
+    });
+    Ok(sender)
+}

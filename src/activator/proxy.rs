@@ -1,0 +1,751 @@
+//! The proxy: one request from routing to the end of its response. Bodies stream both
+//! ways through small wrapper bodies (a size limit on the way in, in-flight accounting on
+//! the way out); upgrades become a byte tunnel; a connect failure is retried on another
+//! replica only while the request body is still untouched.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, warn};
+
+use super::Activator;
+use super::balancer::Lease;
+use super::error::ProxyError;
+use super::gate::{self, Admitted, Traffic};
+use super::pool;
+use super::routing::{Conf, FunctionState};
+use crate::api::COLD_START_HEADER;
+use crate::api::hosts::normalize_host;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static COLD_START: HeaderName = HeaderName::from_static(COLD_START_HEADER);
+const ZEROSCALE_PREFIX: &str = "x-zeroscale-";
+
+/// What the proxy knows of a client connection, computed once per connection.
+pub(crate) struct ConnInfo {
+    peer_ip: HeaderValue,
+    trusted: bool,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(peer: SocketAddr, trusted_proxies: &[ipnet::IpNet]) -> Self {
+        let ip = peer.ip().to_canonical();
+        Self {
+            peer_ip: HeaderValue::try_from(ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            trusted: trusted_proxies.iter().any(|n| n.contains(&ip)),
+        }
+    }
+
+    #[cfg(test)]
+    fn for_test(ip: std::net::IpAddr, trusted: bool) -> Self {
+        Self {
+            peer_ip: HeaderValue::try_from(ip.to_string()).unwrap(),
+            trusted,
+        }
+    }
+}
+
+/// Serves one request: routes it, proxies it, and maps any failure to its answer.
+pub(crate) async fn handle(
+    act: &Arc<Activator>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some(host) = request_host(&req) else {
+        return ProxyError::BadRequest("missing or malformed Host").into_response();
+    };
+    let found = act.table().lookup(&host);
+    let Some(fs) = found else {
+        return ProxyError::UnknownHost(host).into_response();
+    };
+    let traffic = fs.traffic(&act.metrics);
+    let conf = fs.conf();
+    let guard = RequestGuard::arrive(
+        fs.clone(),
+        traffic,
+        conf.container_concurrency.is_some(),
+        act.settings.pool_idle_timeout,
+    );
+    let span = tracing::debug_span!("request", function = %fs.key, method = %req.method());
+    let resp = match forward(act, &fs, &conf, traffic, guard, conn, host, req)
+        .instrument(span)
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.status() == StatusCode::BAD_GATEWAY {
+                warn!(function = %fs.key, error = %e, "no replica could take the request");
+            } else {
+                debug!(function = %fs.key, error = %e, "request answered by the activator");
+            }
+            e.into_response()
+        }
+    };
+    traffic
+        .metrics
+        .count_response(&fs.key, resp.status().as_u16());
+    resp
+}
+
+/// The host a request is for: `Host`, else the URI authority (HTTP/2), normalised.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    match req.headers().get(header::HOST) {
+        Some(h) => normalize_host(h.to_str().ok()?),
+        None => normalize_host(req.uri().authority()?.as_str()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    act: &Arc<Activator>,
+    fs: &Arc<FunctionState>,
+    conf: &Conf,
+    traffic: &Traffic,
+    mut guard: RequestGuard,
+    conn: &ConnInfo,
+    host: String,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if let Some(reason) = &conf.invalid {
+        return Err(ProxyError::InvalidFunction {
+            key: fs.key.clone(),
+            reason: reason.clone(),
+        });
+    }
+    let limit = act.settings.max_body_bytes;
+    if content_length(req.headers()).is_some_and(|len| len > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let upgrade = upgrade_protocol(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    prepare_request_headers(&mut parts.headers, conn, &host, upgrade);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let mut up = Request::from_parts(parts, UpstreamBody::new(body, limit));
+    *up.version_mut() = Version::HTTP_11;
+    // Origin-form on the wire, whatever form the client used.
+    *up.uri_mut() = Uri::from(path);
+
+    let deadline = guard.start + conf.activation;
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut stale = 0;
+    let mut cold = false;
+    // `up` is only ever handed to a replica connection; each failure before it was
+    // written gives it back, so a retry resends the same request, body untouched.
+    let (resp, upstream) = loop {
+        let Admitted {
+            lease,
+            cold: waited,
+        } = gate::admit(fs, conf, traffic, &act.platform, deadline, &tried).await?;
+        cold |= waited;
+        let replica = lease.replica().clone();
+        guard.admitted(lease);
+
+        let request_deadline = Instant::now() + conf.request;
+        let acquired = tokio::time::timeout_at(
+            request_deadline,
+            replica
+                .idle
+                .acquire(replica.addr, act.settings.connect_timeout),
+        )
+        .await
+        .map_err(|_| ProxyError::RequestTimeout {
+            key: fs.key.clone(),
+            timeout: conf.request,
+        })?;
+        let (mut upstream, pooled) = match acquired {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(function = %fs.key, error = %e, "replica unreachable, trying another");
+                guard.release();
+                tried.push(replica.addr);
+                continue;
+            }
+        };
+        match tokio::time::timeout_at(request_deadline, upstream.try_send_request(up)).await {
+            Err(_) => {
+                return Err(ProxyError::RequestTimeout {
+                    key: fs.key.clone(),
+                    timeout: conf.request,
+                });
+            }
+            Ok(Ok(resp)) => break (resp, upstream),
+            Ok(Err(mut e)) => {
+                if is_body_too_large(e.error()) {
+                    return Err(ProxyError::BodyTooLarge { limit });
+                }
+                guard.release();
+                let Some(unsent) = e.take_message() else {
+                    return Err(ProxyError::Upstream {
+                        key: fs.key.clone(),
+                        source: e.into_error(),
+                    });
+                };
+                up = unsent;
+                if pooled && stale < MAX_STALE_RETRIES {
+                    // A kept-alive connection the replica had closed: try a fresh one.
+                    debug!(function = %fs.key, error = %e.error(), "stale pooled connection");
+                    stale += 1;
+                } else {
+                    debug!(function = %fs.key, replica = %replica.addr, error = %e.error(),
+                        "replica failed before the request was sent, trying another");
+                    tried.push(replica.addr);
+                }
+            }
+        }
+    };
+
+    let mut resp = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        let key = fs.key.clone();
+        tokio::spawn(async move {
+            // The tunnel counts as a request in flight until it closes.
+            let _guard = guard;
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        debug!(function = %key, error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => debug!(function = %key, error = %e, "upgrade failed"),
+            }
+        });
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    // Only the activator says whether a response waited for a wake.
+    parts.headers.remove(&COLD_START);
+    if cold {
+        parts
+            .headers
+            .insert(COLD_START.clone(), HeaderValue::from_static("true"));
+    }
+    guard.upstream = Some(upstream);
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::upstream(body, guard),
+    ))
+}
+
+/// Retries of a request on fresh connections after pooled ones turned out closed.
+const MAX_STALE_RETRIES: u32 = 3;
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn is_body_too_large(e: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if matches!(err.downcast_ref::<BodyError>(), Some(BodyError::TooLarge)) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade`).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1): `Connection` and every header it names,
+/// and the fixed list. On an upgrade, `Connection: upgrade` and `Upgrade` stay.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    if let Some(listed) = connection_listed(headers) {
+        for name in listed {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+/// The header names listed in `Connection`, if any (allocates only when there are).
+fn connection_listed(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut out = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',') {
+            let t = t.trim();
+            if t.eq_ignore_ascii_case("close") || t.eq_ignore_ascii_case("keep-alive") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                out.push(name);
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Makes a client's request head fit to send on: hop-by-hop and `X-Zeroscale-*` headers
+/// removed, `X-Forwarded-*` set (the client's own kept only behind a trusted proxy),
+/// `Host` present.
+pub(crate) fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    conn: &ConnInfo,
+    host: &str,
+    upgrade: Option<HeaderValue>,
+) {
+    let original_host = headers.get(header::HOST).cloned();
+    strip_hop_by_hop(headers, false);
+    if headers
+        .keys()
+        .any(|k| k.as_str().starts_with(ZEROSCALE_PREFIX))
+    {
+        let ours: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(ZEROSCALE_PREFIX))
+            .cloned()
+            .collect();
+        for k in ours {
+            headers.remove(&k);
+        }
+    }
+
+    let host_value = original_host
+        .clone()
+        .or_else(|| HeaderValue::try_from(host).ok());
+    if conn.trusted {
+        let prior: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let xff = if prior.is_empty() {
+            conn.peer_ip.clone()
+        } else {
+            let mut joined = prior.join(&b", "[..]);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(conn.peer_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.peer_ip.clone())
+        };
+        headers.insert(X_FORWARDED_FOR.clone(), xff);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST)
+            && let Some(h) = &host_value
+        {
+            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+        }
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), conn.peer_ip.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        match &host_value {
+            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
+    if original_host.is_none()
+        && let Some(h) = host_value
+    {
+        headers.insert(header::HOST, h);
+    }
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+/// One request's presence in the activator's counters: from arrival to the end of its
+/// response body (or of its upgraded connection), with its replica slot once admitted.
+pub(crate) struct RequestGuard {
+    fs: Arc<FunctionState>,
+    start: Instant,
+    lease: Option<Lease>,
+    /// Replicas have a concurrency cap: a freed slot may let a queued request go.
+    capped: bool,
+    /// The connection the response arrives on; back to the pool once it is read.
+    upstream: Option<pool::Conn>,
+    /// The response was read to the end, so its connection can be reused.
+    completed: bool,
+    idle_timeout: std::time::Duration,
+}
+
+impl RequestGuard {
+    fn arrive(
+        fs: Arc<FunctionState>,
+        traffic: &Traffic,
+        capped: bool,
+        idle_timeout: std::time::Duration,
+    ) -> Self {
+        let start = Instant::now();
+        traffic.counters.arrive(start);
+        Self {
+            fs,
+            start,
+            lease: None,
+            capped,
+            upstream: None,
+            completed: false,
+            idle_timeout,
+        }
+    }
+
+    fn traffic(&self) -> Option<&Traffic> {
+        self.fs.traffic_if_any()
+    }
+
+    fn admitted(&mut self, lease: Lease) {
+        if let Some(t) = self.traffic() {
+            t.counters
+                .in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.lease = Some(lease);
+    }
+
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if let Some(conn) = self.upstream.take()
+                && self.completed
+            {
+                lease.replica().idle.checkin(conn, self.idle_timeout);
+            }
+            drop(lease);
+            if let Some(t) = self.traffic() {
+                t.counters
+                    .in_flight
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                // Room on a capped replica: let one queued request look.
+                if self.capped {
+                    t.changed.notify_one();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.release();
+        if let Some(t) = self.traffic() {
+            let now = Instant::now();
+            t.counters.depart(now);
+            t.metrics
+                .duration
+                .observe(now.saturating_duration_since(self.start).as_secs_f64());
+        }
+    }
+}
+
+/// Why a request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("request body too large")]
+    TooLarge,
+    #[error("reading the request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+/// The client's body with a size limit enforced as it streams (chunked bodies too).
+pub(crate) struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > self.remaining {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    }
+                    self.remaining -= len;
+                }
+                Some(Ok(frame))
+            }
+            Some(Err(e)) => Some(Err(BodyError::Client(e))),
+            None => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body as sent to a replica (nothing to send for an empty one).
+pub(crate) struct UpstreamBody(Option<LimitedBody>);
+
+impl UpstreamBody {
+    fn new(body: Incoming, limit: u64) -> Self {
+        if body.is_end_stream() {
+            Self(None)
+        } else {
+            Self(Some(LimitedBody {
+                inner: body,
+                remaining: limit,
+            }))
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.0 {
+            None => Poll::Ready(None),
+            Some(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// What the activator answers with: its own short bodies, or a replica's response body
+/// streamed through, holding the request's accounting until it ends.
+pub(crate) enum ProxyBody {
+    Full(Full<Bytes>),
+    Empty,
+    Upstream {
+        body: Incoming,
+        guard: Option<RequestGuard>,
+    },
+}
+
+impl ProxyBody {
+    pub(crate) fn full(body: Full<Bytes>) -> Self {
+        Self::Full(body)
+    }
+    fn empty() -> Self {
+        Self::Empty
+    }
+    fn upstream(body: Incoming, mut guard: RequestGuard) -> Self {
+        guard.completed = body.is_end_stream();
+        Self::Upstream {
+            body,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let ProxyBody::Upstream {
+            body,
+            guard: Some(g),
+        } = self
+        {
+            g.completed = body.is_end_stream();
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut *self {
+            ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Upstream { body, guard } => {
+                let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
+                match &frame {
+                    // Read to the end (hyper may not poll again after a body of known
+                    // length): the connection can take the next request.
+                    Some(Ok(_)) if !body.is_end_stream() => {}
+                    Some(Ok(_)) | None => {
+                        if let Some(mut g) = guard.take() {
+                            g.completed = true;
+                        }
+                    }
+                    // Broken: the request is over now, not when hyper drops us.
+                    Some(Err(_)) => drop(guard.take()),
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_end_stream(),
+            ProxyBody::Empty => true,
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => b.size_hint(),
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("upgrade", "h2c"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof_forwarding_headers() {
+        let conn = ConnInfo::for_test("192.0.2.7".parse().unwrap(), false);
+        let mut h = headers(&[
+            ("host", "f.ns"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-zeroscale-cold-start", "true"),
+        ]);
+        prepare_request_headers(&mut h, &conn, "f.ns", None);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-host"], "f.ns");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-zeroscale-cold-start"));
+    }
+
+    #[test]
+    fn trusted_proxy_chain_is_extended() {
+        let conn = ConnInfo::for_test("10.0.0.9".parse().unwrap(), true);
+        let mut h = headers(&[
+            ("host", "f.ns"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        prepare_request_headers(&mut h, &conn, "f.ns", None);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "f.ns");
+    }
+
+    #[test]
+    fn upgrade_headers_survive_on_upgrades() {
+        let conn = ConnInfo::for_test("192.0.2.7".parse().unwrap(), false);
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        prepare_request_headers(
+            &mut h,
+            &conn,
+            "f.ns",
+            Some(HeaderValue::from_static("websocket")),
+        );
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["host"], "f.ns");
+    }
+}

@@ -1,0 +1,706 @@
+//! The scaling decision, a pure function of (config, stats history, now), after
+//! Knative's KPA: no clock reads, no I/O, so it is tested on synthetic traces with
+//! simulated time and the scaler loop only feeds it and applies what it says.
+//!
+//! # The algorithm (one call to [`Decider::decide`] per tick, default every second)
+//!
+//! `per_replica = target x utilization` (with `containerConcurrency` set, `target` is
+//! capped by it). The sample of a tick is the metric over the last interval: the average
+//! of requests in flight *or queued* (`concurrency`, exact, from the activators'
+//! integrated counters) or requests per second (`rps`).
+//!
+//! 1. **Windows.** `stable` = mean of the samples of the last `window` (60s);
+//!    `panic` = the largest of the mean over the last `panic_window` (6s), the last
+//!    sample and, for concurrency, the requests in flight and queued right now. The
+//!    instantaneous terms make a step from idle to heavy load visible in one tick
+//!    instead of only after a whole panic window (Knative needs the full window).
+//! 2. **Pods.** `stable_pods = ceil(stable / per_replica)`, likewise `panic_pods`; both
+//!    bounded by the rates relative to the ready replicas `r = max(ready, 1)`: at most
+//!    `ceil(r x maxScaleUpRate)` (1000) and at least `floor(r / maxScaleDownRate)` (2).
+//!    The bounds never push against the direction of travel: replicas still starting
+//!    do not cause a scale-down through the up-rate bound. Outside panic the count
+//!    follows `stable_pods`, but a scale-down stops at what the mean of the panic window
+//!    needs, so a stable average that lags a rising load never removes capacity.
+//! 3. **Panic.** Entered when `panic / per_replica >= panicThreshold x r` (200%): the
+//!    load needs at least twice the ready capacity. In panic the count only grows
+//!    (the largest `panic_pods` seen, starting from the current count); panic ends
+//!    after a full stable window in which the threshold was not reached again.
+//! 4. **Idle.** A Function is active at a tick when requests arrived since the last
+//!    tick or any are in flight or queued. After `idleTimeout` (30s) without activity
+//!    (counted from the last activity, from a wake 0 -> N by the activator, or from the
+//!    first time the decider saw the Function) the count is 0 at once (no rate bound)
+//!    and the windows and panic mode are cleared, so a wake after the silence starts
+//!    from fresh load; before that the count is at least 1. At zero the Function stays
+//!    at zero unless requests are in flight or queued, then it gets at least `initial`.
+//! 5. **Scale-down delay.** The count is the largest one decided within the last
+//!    `scaleDownDelay` (0s), so a scale-down happens only once the lower count has held
+//!    that long (scale-ups are immediate).
+//! 6. **Safety holds.** No decrease while the stats are partial (an activator is slow,
+//!    failing or restarted: its load is unknown), and no decrease other than idle ->
+//!    zero before the decider has a full stable window of history (a freshly started
+//!    or failed-over operator does not act on a few seconds of data).
+//! 7. **Clamp** to `[min, max]`.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::api::config::{Metric, ScaleConfig};
+
+/// One Function's load in one tick, summed over the activators.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Load {
+    /// Average requests in flight or queued over the last interval.
+    pub concurrency: f64,
+    /// Requests received per second over the last interval.
+    pub rps: f64,
+    /// Requests forwarded to a replica and not finished, now.
+    pub in_flight: u64,
+    /// Requests waiting for a replica, now.
+    pub queued: u64,
+    /// Requests received since the previous tick.
+    pub new_requests: u64,
+    /// Some activator's stats are missing, late or just restarted: the true load may be
+    /// higher than this one.
+    pub partial: bool,
+}
+
+impl Load {
+    /// Requests in flight or queued right now.
+    pub fn live(&self) -> u64 {
+        self.in_flight.saturating_add(self.queued)
+    }
+}
+
+/// What the decider sees of a Function in one tick.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observation {
+    /// Replicas asked for now (the Deployment's `spec.replicas`).
+    pub current: u32,
+    /// Replicas ready now.
+    pub ready: u32,
+    pub load: Load,
+}
+
+/// The outcome of one decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Replicas the Function should have.
+    pub desired: u32,
+    /// Whether the decider is in panic mode.
+    pub panic: bool,
+    /// Why, for a person (recorded with the scale change).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+struct Panic {
+    /// The last tick the panic threshold was reached.
+    last_over: Instant,
+    /// The most replicas asked for during this panic.
+    max_pods: u32,
+}
+
+/// The state of one Function's autoscaling: its stats history and modes.
+#[derive(Debug, Clone, Default)]
+pub struct Decider {
+    /// (tick, metric sample) for the last stable window.
+    samples: VecDeque<(Instant, f64)>,
+    first_seen: Option<Instant>,
+    last_active: Option<Instant>,
+    woken_at: Option<Instant>,
+    previous_current: Option<u32>,
+    panic: Option<Panic>,
+    /// (tick, count before the delay) for the last `scale_down_delay`.
+    recent: VecDeque<(Instant, u32)>,
+}
+
+/// `ceil(x)` that does not turn 7.000000001 into 8.
+fn ceil_pods(x: f64) -> u32 {
+    if !x.is_finite() || x <= 0.0 {
+        return 0;
+    }
+    let c = (x - 1e-9).ceil();
+    if c >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        c as u32
+    }
+}
+
+fn mean<'a>(values: impl Iterator<Item = &'a f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0u32), |(s, n), v| (s + v, n + 1));
+    if n == 0 { 0.0 } else { sum / f64::from(n) }
+}
+
+fn since(now: Instant, then: Option<Instant>) -> Duration {
+    then.map(|t| now.saturating_duration_since(t))
+        .unwrap_or_default()
+}
+
+/// A number for a person: no decimals when whole, one otherwise.
+fn num(x: f64) -> String {
+    if (x - x.round()).abs() < 0.05 {
+        format!("{:.0}", x.round())
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+/// How the metric and its unit read in a reason.
+fn unit(metric: Metric) -> &'static str {
+    match metric {
+        Metric::Concurrency => "concurrent requests",
+        Metric::Rps => "requests/s",
+    }
+}
+
+impl Decider {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the decider is in panic mode.
+    pub fn in_panic(&self) -> bool {
+        self.panic.is_some()
+    }
+
+    /// The load each replica is aimed at.
+    pub fn per_replica(cfg: &ScaleConfig) -> f64 {
+        let target = match (cfg.metric, cfg.container_concurrency) {
+            (Metric::Concurrency, Some(cc)) => cfg.target.min(f64::from(cc)),
+            _ => cfg.target,
+        };
+        (target * cfg.utilization).max(f64::MIN_POSITIVE)
+    }
+
+    /// Records this tick's observation and decides the replica count. Call once per tick
+    /// with a monotonic `now`.
+    pub fn decide(&mut self, cfg: &ScaleConfig, obs: &Observation, now: Instant) -> Decision {
+        let load = &obs.load;
+        let per_replica = Self::per_replica(cfg);
+        let sample = match cfg.metric {
+            Metric::Concurrency => load.concurrency,
+            Metric::Rps => load.rps,
+        };
+        let sample = if sample.is_finite() {
+            sample.max(0.0)
+        } else {
+            0.0
+        };
+
+        // History and activity.
+        let first_seen = *self.first_seen.get_or_insert(now);
+        if self.previous_current == Some(0) && obs.current > 0 {
+            self.woken_at = Some(now);
+        }
+        self.previous_current = Some(obs.current);
+        if load.new_requests > 0 || load.live() > 0 {
+            self.last_active = Some(now);
+        }
+        self.samples.push_back((now, sample));
+        while let Some(&(t, _)) = self.samples.front() {
+            if now.saturating_duration_since(t) >= cfg.window {
+                self.samples.pop_front();
+            } else {
+                break;
+            }
+        }
+
+        // 1. Windows.
+        let stable = mean(self.samples.iter().map(|(_, v)| v));
+        let panic_avg = mean(
+            self.samples
+                .iter()
+                .filter(|(t, _)| now.saturating_duration_since(*t) < cfg.panic_window)
+                .map(|(_, v)| v),
+        );
+        let instantaneous = match cfg.metric {
+            Metric::Concurrency => load.live() as f64,
+            Metric::Rps => 0.0,
+        };
+        let panic_load = panic_avg.max(sample).max(instantaneous);
+
+        // 2. Pods, rate-bounded relative to the ready replicas.
+        let base = obs.ready.max(1);
+        let max_up = ceil_pods(f64::from(base) * cfg.max_scale_up_rate).max(obs.current);
+        let max_down =
+            ((f64::from(base) / cfg.max_scale_down_rate).floor() as u32).min(obs.current);
+        let bound = |pods: u32| pods.clamp(max_down, max_up.max(max_down));
+        let stable_pods = bound(ceil_pods(stable / per_replica));
+        let panic_pods = bound(ceil_pods(panic_load / per_replica));
+
+        // 3. Panic.
+        let over = panic_load / per_replica >= cfg.panic_threshold * f64::from(base);
+        let mut reason = String::new();
+        if over {
+            match &mut self.panic {
+                Some(p) => p.last_over = now,
+                None => {
+                    self.panic = Some(Panic {
+                        last_over: now,
+                        max_pods: obs.current,
+                    })
+                }
+            }
+        } else if self
+            .panic
+            .as_ref()
+            .is_some_and(|p| now.saturating_duration_since(p.last_over) >= cfg.window)
+        {
+            self.panic = None;
+        }
+        let mut desired = match &mut self.panic {
+            Some(p) => {
+                p.max_pods = p.max_pods.max(panic_pods);
+                let _ = write!(
+                    reason,
+                    "panic: {} {} {} {}x the capacity of {} ready ({} each): {} replicas",
+                    num(panic_load),
+                    unit(cfg.metric),
+                    if over { ">=" } else { "was >=" },
+                    num(cfg.panic_threshold),
+                    obs.ready,
+                    num(per_replica),
+                    p.max_pods
+                );
+                p.max_pods
+            }
+            None => {
+                let _ = write!(
+                    reason,
+                    "{} {} averaged over {}s / {} per replica: {stable_pods} replicas",
+                    num(stable),
+                    unit(cfg.metric),
+                    cfg.window.as_secs(),
+                    num(per_replica)
+                );
+                // A scale-down never goes below what the panic window still needs: the
+                // stable average lags a rising load (after a panic on a ramp, say).
+                let recent_pods = bound(ceil_pods(panic_avg / per_replica)).min(obs.current);
+                if stable_pods < recent_pods {
+                    let _ = write!(
+                        reason,
+                        "; not below the {recent_pods} the last {}s need",
+                        cfg.panic_window.as_secs()
+                    );
+                    recent_pods
+                } else {
+                    stable_pods
+                }
+            }
+        };
+
+        // 4. Idle.
+        let quiet_since = [self.last_active, self.woken_at, Some(first_seen)]
+            .into_iter()
+            .flatten()
+            .max();
+        let quiet = since(now, quiet_since);
+        let idle = quiet >= cfg.idle_timeout && load.live() == 0;
+        if idle {
+            // Load from before the silence says nothing about the next wake: a single
+            // request after a burst must not bring back the burst's replicas.
+            self.samples.clear();
+            self.panic = None;
+            desired = 0;
+            reason = format!(
+                "idle: no requests for {}s (idleTimeout {}s), none in flight or queued",
+                quiet.as_secs(),
+                cfg.idle_timeout.as_secs()
+            );
+        } else if desired == 0 {
+            desired = 1;
+            let _ = write!(
+                reason,
+                "; kept at 1 until idle for {}s",
+                cfg.idle_timeout.as_secs()
+            );
+        }
+        if obs.current == 0 && load.live() > 0 && desired < cfg.initial {
+            desired = cfg.initial;
+            reason = format!(
+                "woken: {} in flight or queued at zero replicas; initial {}",
+                load.live(),
+                cfg.initial
+            );
+        }
+
+        // 5. Scale-down delay.
+        if cfg.scale_down_delay.is_zero() {
+            self.recent.clear();
+        } else {
+            self.recent.push_back((now, desired));
+            while let Some(&(t, _)) = self.recent.front() {
+                // Kept at an age of exactly the delay: a lower count applies once it has
+                // held for the whole delay.
+                if now.saturating_duration_since(t) > cfg.scale_down_delay {
+                    self.recent.pop_front();
+                } else {
+                    break;
+                }
+            }
+            let held = self.recent.iter().map(|(_, d)| *d).max().unwrap_or(desired);
+            if held > desired {
+                let _ = write!(
+                    reason,
+                    "; held at {held} by scaleDownDelay {}s",
+                    cfg.scale_down_delay.as_secs()
+                );
+                desired = held;
+            }
+        }
+        if obs.current == 0 && load.live() == 0 && desired > 0 && cfg.min == 0 {
+            // Waking is the activator's job (it holds the request): never from history.
+            desired = 0;
+            reason = "at zero with no request waiting".into();
+        }
+
+        // 6. Safety holds.
+        if desired < obs.current {
+            if load.partial {
+                desired = obs.current;
+                let _ = write!(reason, "; scale-down held: stats of some activator missing");
+            } else if !idle && now.saturating_duration_since(first_seen) < cfg.window {
+                desired = obs.current;
+                let _ = write!(
+                    reason,
+                    "; scale-down held: less than {}s of history",
+                    cfg.window.as_secs()
+                );
+            }
+        }
+
+        // 7. Clamp.
+        if desired < cfg.min {
+            desired = cfg.min;
+            let _ = write!(reason, "; min {}", cfg.min);
+        } else if desired > cfg.max {
+            desired = cfg.max;
+            let _ = write!(reason, "; max {}", cfg.max);
+        }
+
+        Decision {
+            desired,
+            panic: self.panic.is_some(),
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::config::{Defaults, FunctionConfig};
+    use crate::api::{FunctionSpec, PodTemplate};
+
+    /// The built-in defaults: target 10 x 70% = 7 per replica, window 60s, panic 6s,
+    /// idle 30s, initial 1, max 10.
+    fn cfg() -> ScaleConfig {
+        let spec = FunctionSpec {
+            template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
+            port: None,
+            hosts: vec![],
+            scale: None,
+            timeouts: None,
+            queue: None,
+        };
+        FunctionConfig::resolve(&spec, &Defaults::default())
+            .expect("defaults resolve")
+            .scale
+    }
+
+    /// Drives a decider one second per step, feeding back its decisions as the
+    /// platform's count (all replicas ready at once).
+    struct Run {
+        cfg: ScaleConfig,
+        decider: Decider,
+        start: Instant,
+        second: u64,
+        current: u32,
+    }
+
+    impl Run {
+        fn new(cfg: ScaleConfig, current: u32) -> Self {
+            Self {
+                cfg,
+                decider: Decider::new(),
+                start: Instant::now(),
+                second: 0,
+                current,
+            }
+        }
+
+        fn step(&mut self, load: Load) -> Decision {
+            self.second += 1;
+            let obs = Observation {
+                current: self.current,
+                ready: self.current,
+                load,
+            };
+            let d = self.decider.decide(
+                &self.cfg,
+                &obs,
+                self.start + Duration::from_secs(self.second),
+            );
+            self.current = d.desired;
+            d
+        }
+
+        /// `n` seconds of a steady concurrency with requests arriving.
+        fn steady(&mut self, concurrency: f64, n: u64) -> Decision {
+            let mut last = None;
+            for _ in 0..n {
+                last = Some(self.step(busy(concurrency)));
+            }
+            last.expect("n > 0")
+        }
+    }
+
+    fn busy(concurrency: f64) -> Load {
+        Load {
+            concurrency,
+            rps: concurrency * 10.0,
+            in_flight: concurrency.round() as u64,
+            new_requests: (concurrency * 10.0).ceil() as u64,
+            ..Load::default()
+        }
+    }
+
+    fn quiet() -> Load {
+        Load::default()
+    }
+
+    #[test]
+    fn idle_reaches_zero_exactly_at_idle_timeout() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(3.0, 60);
+        for s in 1..30 {
+            let d = run.step(quiet());
+            assert_eq!(d.desired, 1, "{s}s after the last request: {}", d.reason);
+        }
+        let d = run.step(quiet());
+        assert_eq!(d.desired, 0, "at idleTimeout");
+        assert!(d.reason.starts_with("idle"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_request_in_flight_longer_than_idle_timeout_keeps_the_function_up() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(1.0, 5);
+        // One long request: in flight for two minutes, no new arrivals.
+        for s in 0..120 {
+            let d = run.step(Load {
+                concurrency: 1.0,
+                in_flight: 1,
+                ..Load::default()
+            });
+            assert_eq!(d.desired, 1, "second {s} of the long request");
+        }
+        // It ends: zero only a full idleTimeout later.
+        for _ in 1..30 {
+            assert_eq!(run.step(quiet()).desired, 1);
+        }
+        assert_eq!(run.step(quiet()).desired, 0);
+    }
+
+    #[test]
+    fn a_queued_request_at_zero_gets_initial_replicas() {
+        let mut c = cfg();
+        c.initial = 3;
+        let mut run = Run::new(c, 0);
+        for _ in 0..100 {
+            assert_eq!(run.step(quiet()).desired, 0, "no demand, stays at zero");
+        }
+        let d = run.step(Load {
+            queued: 1,
+            new_requests: 1,
+            ..Load::default()
+        });
+        assert_eq!(d.desired, 3, "{}", d.reason);
+    }
+
+    #[test]
+    fn at_zero_history_alone_never_wakes_the_function() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(30.0, 60);
+        // Scaled to zero by someone while the windows still hold load.
+        run.current = 0;
+        let d = run.step(quiet());
+        assert_eq!(d.desired, 0, "{}", d.reason);
+    }
+
+    #[test]
+    fn a_function_woken_by_the_activator_stays_up_for_idle_timeout() {
+        let mut run = Run::new(cfg(), 0);
+        for _ in 0..100 {
+            run.step(quiet());
+        }
+        // The activator woke it (0 -> 1), but its stats have not shown the request yet.
+        run.current = 1;
+        for s in 0..30 {
+            let d = run.step(quiet());
+            assert_eq!(d.desired, 1, "{s}s after the wake: {}", d.reason);
+        }
+        assert_eq!(run.step(quiet()).desired, 0, "idleTimeout after the wake");
+    }
+
+    #[test]
+    fn partial_stats_never_scale_down() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(35.0, 60);
+        assert_eq!(run.current, 5);
+        let partial = Load {
+            partial: true,
+            ..Load::default()
+        };
+        for _ in 0..120 {
+            let d = run.step(partial.clone());
+            assert_eq!(d.desired, 5, "{}", d.reason);
+        }
+        // Complete again: the quiet is real, the Function has long been idle.
+        assert_eq!(run.step(quiet()).desired, 0);
+    }
+
+    #[test]
+    fn panic_enters_on_twice_the_capacity_scales_only_up_and_exits_after_a_window() {
+        let mut run = Run::new(cfg(), 1);
+        let d = run.steady(10.0, 60);
+        assert_eq!((d.desired, d.panic), (2, false));
+        // 46 in flight against 2 ready x 7: 3.3x capacity.
+        let d = run.step(busy(46.0));
+        assert!(d.panic, "{}", d.reason);
+        assert_eq!(d.desired, 7, "ceil(46 / 7)");
+        assert!(
+            d.reason.starts_with(
+                "panic: 46 concurrent requests >= 2x the capacity of 2 ready (7 each): 7 replicas"
+            ),
+            "{}",
+            d.reason
+        );
+        // Back to 10 at once: in panic, never down, for a full stable window.
+        for s in 1..60 {
+            let d = run.step(busy(10.0));
+            assert!(d.panic, "still in panic {s}s after");
+            assert_eq!(d.desired, 7, "{s}s after the burst");
+        }
+        let d = run.step(busy(10.0));
+        assert!(!d.panic, "a full window below the threshold ends panic");
+        assert!(d.desired < 7);
+    }
+
+    #[test]
+    fn a_wake_after_idle_starts_from_fresh_load_not_the_last_burst() {
+        let mut c = cfg();
+        c.max = 50;
+        let mut run = Run::new(c, 1);
+        run.steady(10.0, 60);
+        assert_eq!(run.step(busy(100.0)).desired, 15);
+        run.steady(100.0, 10);
+        while run.current > 0 {
+            run.step(quiet());
+        }
+        // Ten seconds after reaching zero, one request wakes it (activator: 0 -> 1).
+        for _ in 0..10 {
+            run.step(quiet());
+        }
+        run.current = 1;
+        let d = run.step(Load {
+            concurrency: 0.5,
+            in_flight: 1,
+            new_requests: 1,
+            ..Load::default()
+        });
+        assert_eq!((d.desired, d.panic), (1, false), "{}", d.reason);
+    }
+
+    #[test]
+    fn rates_bound_each_step_relative_to_ready() {
+        let mut c = cfg();
+        c.max = 100;
+        c.max_scale_up_rate = 2.0;
+        let mut run = Run::new(c, 1);
+        run.steady(5.0, 60);
+        assert_eq!(run.current, 1);
+        // 280 in flight needs 40: up at most x2 per decision.
+        let seen: Vec<u32> = (0..7).map(|_| run.step(busy(280.0)).desired).collect();
+        assert_eq!(seen, vec![2, 4, 8, 16, 32, 40, 40]);
+    }
+
+    #[test]
+    fn scale_down_delay_holds_the_highest_recent_count() {
+        let mut c = cfg();
+        c.window = Duration::from_secs(6);
+        c.panic_window = Duration::from_secs(1);
+        c.scale_down_delay = Duration::from_secs(20);
+        let mut run = Run::new(c, 1);
+        assert_eq!(run.steady(35.0, 30).desired, 5);
+        // The load drops to 7 (1 replica): nothing changes for 20s.
+        for s in 0..19 {
+            let d = run.step(busy(7.0));
+            assert_eq!(d.desired, 5, "{s}s into the delay: {}", d.reason);
+        }
+        // Then down, each lower count only once it held for the delay.
+        let later: Vec<u32> = (0..40).map(|_| run.step(busy(7.0)).desired).collect();
+        assert!(later[2] < 5, "{later:?}");
+        assert!(later.windows(2).all(|w| w[1] <= w[0]), "{later:?}");
+        assert_eq!(*later.last().expect("not empty"), 1, "{later:?}");
+    }
+
+    #[test]
+    fn min_and_max_clamp_the_count() {
+        let mut c = cfg();
+        c.min = 2;
+        c.max = 4;
+        let mut run = Run::new(c, 2);
+        assert_eq!(run.steady(100.0, 10).desired, 4);
+        for _ in 0..120 {
+            run.step(quiet());
+        }
+        assert_eq!(run.current, 2, "idle goes to min, not zero");
+    }
+
+    #[test]
+    fn rps_metric_divides_requests_per_second_by_the_target() {
+        let mut c = cfg();
+        c.metric = Metric::Rps;
+        c.target = 100.0;
+        let mut run = Run::new(c, 1);
+        let d = (0..60)
+            .map(|_| {
+                run.step(Load {
+                    rps: 500.0,
+                    concurrency: 2.0,
+                    in_flight: 2,
+                    new_requests: 500,
+                    ..Load::default()
+                })
+            })
+            .last()
+            .expect("ran");
+        assert_eq!(d.desired, 8, "ceil(500 / 70): {}", d.reason);
+        assert!(d.reason.contains("requests/s"));
+    }
+
+    #[test]
+    fn container_concurrency_caps_the_target() {
+        let mut c = cfg();
+        c.container_concurrency = Some(2);
+        let mut run = Run::new(c, 1);
+        // 7 concurrent at 2 x 70% = 1.4 per replica: 5.
+        assert_eq!(run.steady(7.0, 60).desired, 5);
+    }
+
+    #[test]
+    fn a_fresh_decider_does_not_scale_down_before_a_full_window() {
+        // An operator restart finds the Function at 6 replicas with light load.
+        let mut run = Run::new(cfg(), 6);
+        for s in 0..60 {
+            assert_eq!(run.step(busy(3.0)).desired, 6, "second {s}");
+        }
+        let d = run.step(busy(3.0));
+        assert!(d.desired < 6, "{}", d.reason);
+    }
+}

@@ -1,0 +1,1175 @@
+//! The activator as a client meets it: real HTTP on 127.0.0.1, backends as small hyper
+//! servers, Functions and endpoints pushed through the in-memory platform. Every row of
+//! DESIGN.md's "What a client sees" table has a test here.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use prometheus::Encoder;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use zeroscale::activator::{Activator, Settings};
+use zeroscale::api::{Function, FunctionKey, FunctionSpec, FunctionStatus};
+use zeroscale::platform::Endpoint;
+use zeroscale::platform::memory::MemoryPlatform;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TestBody = BoxBody<Bytes, BoxError>;
+
+// ---------------------------------------------------------------- fixtures
+
+fn function(name: &str, spec: serde_json::Value) -> Function {
+    let mut full = serde_json::json!({"template": {"spec": {"containers": [{"name": "app"}]}}});
+    if let (Some(full), Some(extra)) = (full.as_object_mut(), spec.as_object()) {
+        for (k, v) in extra {
+            full.insert(k.clone(), v.clone());
+        }
+    }
+    let spec: FunctionSpec = serde_json::from_value(full).unwrap();
+    let mut f = Function::new(name, spec);
+    f.metadata.namespace = Some("default".into());
+    f
+}
+
+fn key(name: &str) -> FunctionKey {
+    FunctionKey::new("default", name)
+}
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint {
+        addr,
+        name: format!("replica-{}", addr.port()),
+    }
+}
+
+fn crash_looping(mut f: Function) -> Function {
+    f.status = Some(FunctionStatus {
+        conditions: vec![Condition {
+            type_: "Active".into(),
+            status: "False".into(),
+            reason: "CrashLoop".into(),
+            message: "back-off restarting failed container app".into(),
+            last_transition_time: Time(jiff::Timestamp::now()),
+            observed_generation: None,
+        }],
+        ..FunctionStatus::default()
+    });
+    f
+}
+
+fn empty() -> TestBody {
+    Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
+}
+
+fn text(s: impl Into<Bytes>) -> TestBody {
+    Full::new(s.into()).map_err(|e| match e {}).boxed()
+}
+
+struct Harness {
+    platform: Arc<MemoryPlatform>,
+    activator: Arc<Activator>,
+    registry: prometheus::Registry,
+    addr: SocketAddr,
+    client: Client<HttpConnector, TestBody>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<zeroscale::Result<()>>,
+}
+
+async fn start(platform: Arc<MemoryPlatform>) -> Harness {
+    start_with(platform, Settings::default()).await
+}
+
+async fn start_with(platform: Arc<MemoryPlatform>, settings: Settings) -> Harness {
+    let registry = prometheus::Registry::new();
+    let activator = Activator::new(platform.clone(), settings, &registry).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(activator.clone().run(listener, shutdown.clone()));
+    tokio::time::timeout(Duration::from_secs(10), activator.synced())
+        .await
+        .expect("the activator syncs with the platform");
+    Harness {
+        platform,
+        activator,
+        registry,
+        addr,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        shutdown,
+        task,
+    }
+}
+
+impl Harness {
+    fn request(&self, host: &str, path: &str) -> http::request::Builder {
+        Request::get(format!("http://{}{path}", self.addr)).header("host", host)
+    }
+
+    async fn get(&self, host: &str) -> Response<Incoming> {
+        self.send(self.request(host, "/").body(empty()).unwrap())
+            .await
+    }
+
+    async fn send(&self, req: Request<TestBody>) -> Response<Incoming> {
+        self.client
+            .request(req)
+            .await
+            .expect("the activator answers")
+    }
+
+    fn queued(&self, name: &str) -> u64 {
+        self.stats(name).map_or(0, |s| s.queued)
+    }
+
+    fn stats(&self, name: &str) -> Option<zeroscale::stats::FunctionStats> {
+        self.activator
+            .snapshot()
+            .functions
+            .into_iter()
+            .find(|f| f.name == name)
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+}
+
+async fn body_text(resp: Response<Incoming>) -> String {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Waits for a condition, polling, with a deadline (no sleep stands in for an event).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A backend replica: a hyper HTTP/1.1 server calling `handler` for each request.
+async fn backend<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn hello_backend(reply: &'static str) -> SocketAddr {
+    backend(move |_req| async move { Response::new(text(reply)) }).await
+}
+
+/// An address nobody listens on.
+async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn raw_exchange(addr: SocketAddr, request: Vec<u8>) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.split();
+    let write = async {
+        let _ = wr.write_all(&request).await;
+    };
+    let read = async {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out)).await;
+        out
+    };
+    let ((), out) = tokio::join!(write, read);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------- the table
+
+#[tokio::test]
+async fn warm_response_is_streamed() {
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, BoxError>>();
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let replica = backend(move |_req| {
+        let rx = rx.lock().unwrap().take().expect("one request");
+        async move { Response::new(BoxBody::new(StreamBody::new(rx))) }
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("hello", serde_json::json!({})));
+    platform.set_endpoints(&key("hello"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+
+    let resp = h.get("hello.default").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("x-zeroscale-cold-start").is_none());
+    let mut body = resp.into_body();
+    tx.unbounded_send(Ok(Frame::data(Bytes::from("first "))))
+        .unwrap();
+    // The first chunk arrives while the backend has not finished: streamed, not buffered.
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "first ");
+    tx.unbounded_send(Ok(Frame::data(Bytes::from("second"))))
+        .unwrap();
+    drop(tx);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second");
+    assert_eq!(h.platform.wake_count(&key("hello")), 0);
+}
+
+#[tokio::test]
+async fn cold_request_wakes_once_and_is_marked() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "cold",
+        serde_json::json!({"scale": {"initial": 2}}),
+    ));
+    let h = start(platform).await;
+
+    let pending = {
+        let client = h.client.clone();
+        let req = h
+            .request("cold.default.svc.cluster.local", "/")
+            .body(empty())
+            .unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    h.platform.wait_for_wakes(1).await;
+    assert_eq!(h.platform.wakes(), vec![(key("cold"), 2)]);
+    assert_eq!(h.platform.desired(&key("cold")), 2);
+
+    let replica = hello_backend("hello from a woken replica").await;
+    h.platform
+        .set_endpoints(&key("cold"), vec![endpoint(replica)]);
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-zeroscale-cold-start"], "true");
+    assert_eq!(body_text(resp).await, "hello from a woken replica");
+
+    // Warm now: no mark, no wake.
+    let resp = h.get("cold.default").await;
+    assert!(resp.headers().get("x-zeroscale-cold-start").is_none());
+    assert_eq!(h.platform.wake_count(&key("cold")), 1);
+    let metrics = h.metrics_text();
+    assert!(metrics.contains(
+        "zeroscale_activator_cold_starts_total{function=\"cold\",namespace=\"default\"} 1"
+    ));
+    assert!(metrics.contains("zeroscale_activator_wake_to_ready_seconds_count"));
+}
+
+#[tokio::test]
+async fn unknown_host_is_404_naming_the_host() {
+    let h = start(MemoryPlatform::new()).await;
+    let resp = h.get("nobody.example.com:8080").await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(body_text(resp).await.contains("nobody.example.com"));
+}
+
+#[tokio::test]
+async fn extra_hosts_route_case_insensitively() {
+    let replica = hello_backend("via extra host").await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "web",
+        serde_json::json!({"hosts": ["web.example.com"]}),
+    ));
+    platform.set_endpoints(&key("web"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let resp = h.get("WEB.Example.com:80").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "via extra host");
+}
+
+#[tokio::test]
+async fn queue_full_is_503_with_retry_after() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "busy",
+        serde_json::json!({"queue": {"capacity": 2}}),
+    ));
+    let h = start(platform).await;
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let client = h.client.clone();
+        let req = h.request("busy.default", "/").body(empty()).unwrap();
+        waiting.push(tokio::spawn(async move { client.request(req).await }));
+    }
+    eventually("two queued requests", || h.queued("busy") == 2).await;
+    let resp = h.get("busy.default").await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    // The queued ones are still served once a replica is ready.
+    let replica = hello_backend("ok").await;
+    h.platform
+        .set_endpoints(&key("busy"), vec![endpoint(replica)]);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_replica_within_activation_timeout_is_504() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "slow",
+        serde_json::json!({"timeouts": {"activation": "5s"}}),
+    ));
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(3600),
+        ..Settings::default()
+    };
+    let h = start_with(platform, settings).await;
+    let started = Instant::now();
+    let resp = h.get("slow.default").await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(5), "{waited:?}");
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+    assert_eq!(h.platform.wake_count(&key("slow")), 1);
+    assert_eq!(h.queued("slow"), 0);
+}
+
+#[tokio::test]
+async fn startup_failure_fails_queued_and_new_requests_with_the_reason() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("broken", serde_json::json!({})));
+    let h = start(platform).await;
+    let queued = {
+        let client = h.client.clone();
+        let req = h.request("broken.default", "/").body(empty()).unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    eventually("a queued request", || h.queued("broken") == 1).await;
+    h.platform
+        .apply_function(crash_looping(function("broken", serde_json::json!({}))));
+
+    let resp = queued.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body_text(resp)
+            .await
+            .contains("CrashLoop: back-off restarting")
+    );
+
+    let resp = h.get("broken.default").await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body_text(resp).await.contains("CrashLoop"));
+}
+
+#[tokio::test]
+async fn invalid_function_is_503_with_the_reason() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "bad",
+        serde_json::json!({"scale": {"min": 3, "max": 1}}),
+    ));
+    let h = start(platform).await;
+    let resp = h.get("bad.default").await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body_text(resp).await.contains("spec.scale.min"));
+}
+
+#[tokio::test]
+async fn unreachable_replicas_are_502_and_a_live_one_is_found() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("gone", serde_json::json!({})));
+    platform.set_endpoints(
+        &key("gone"),
+        vec![endpoint(dead_addr().await), endpoint(dead_addr().await)],
+    );
+    let h = start(platform).await;
+    let resp = h.get("gone.default").await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+
+    // One dead, one alive: every request ends on the live one.
+    let alive = hello_backend("alive").await;
+    h.platform.set_endpoints(
+        &key("gone"),
+        vec![endpoint(dead_addr().await), endpoint(alive)],
+    );
+    for _ in 0..10 {
+        let resp = h.get("gone.default").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_text(resp).await, "alive");
+    }
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("limits", serde_json::json!({})));
+    let counted = Arc::new(AtomicUsize::new(0));
+    let seen = counted.clone();
+    let replica = backend(move |req| {
+        let seen = seen.clone();
+        async move {
+            let n = req.into_body().collect().await.map(|b| b.to_bytes().len());
+            seen.fetch_add(1, Ordering::SeqCst);
+            Response::new(text(format!("{n:?}")))
+        }
+    })
+    .await;
+    platform.set_endpoints(&key("limits"), vec![endpoint(replica)]);
+    let settings = Settings {
+        max_body_bytes: 1024,
+        max_header_bytes: 8192,
+        ..Settings::default()
+    };
+    let h = start_with(platform, settings).await;
+
+    // 400: not HTTP.
+    let out = raw_exchange(h.addr, b"GARBAGE\r\n\r\n".to_vec()).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // 400: HTTP/1.1 without a Host.
+    let out = raw_exchange(h.addr, b"GET / HTTP/1.1\r\n\r\n".to_vec()).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // 431: a head over the limit.
+    let mut big = b"GET / HTTP/1.1\r\nHost: limits.default\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 9000));
+    big.extend_from_slice(b"\r\n\r\n");
+    let out = raw_exchange(h.addr, big).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    // 413: a declared length over the limit, refused before anything is sent on.
+    let req = Request::post(format!("http://{}/", h.addr))
+        .header("host", "limits.default")
+        .body(text(vec![b'x'; 2048]))
+        .unwrap();
+    assert_eq!(h.send(req).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // 413: a chunked body that grows over the limit as it streams.
+    let chunks = futures::stream::iter(
+        (0..4).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'y'; 512])))),
+    );
+    let req = Request::post(format!("http://{}/", h.addr))
+        .header("host", "limits.default")
+        .body(BoxBody::new(StreamBody::new(chunks)))
+        .unwrap();
+    assert_eq!(h.send(req).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Within the limits all is well.
+    let req = Request::post(format!("http://{}/", h.addr))
+        .header("host", "limits.default")
+        .body(text(vec![b'z'; 1000]))
+        .unwrap();
+    let resp = h.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "Ok(1000)");
+}
+
+// ---------------------------------------------------------------- the cold path under load
+
+#[tokio::test]
+async fn storm_of_cold_requests_wakes_once_and_serves_or_sheds_each() {
+    const STORM: usize = 300;
+    const CAPACITY: usize = 200;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "storm",
+        serde_json::json!({"queue": {"capacity": CAPACITY}}),
+    ));
+    let h = start(platform).await;
+    let mut requests = Vec::new();
+    for _ in 0..STORM {
+        let client = h.client.clone();
+        let req = h.request("storm.default", "/").body(empty()).unwrap();
+        requests.push(tokio::spawn(async move {
+            client.request(req).await.map(|r| r.status())
+        }));
+    }
+    eventually("the queue to fill", || h.queued("storm") == CAPACITY as u64).await;
+    eventually("all requests to arrive", || {
+        h.stats("storm")
+            .is_some_and(|s| s.requests_total == STORM as u64)
+    })
+    .await;
+    let replica = hello_backend("ok").await;
+    h.platform
+        .set_endpoints(&key("storm"), vec![endpoint(replica)]);
+
+    let mut ok = 0;
+    let mut shed = 0;
+    for r in requests {
+        let status = tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .expect("no request hangs")
+            .unwrap()
+            .unwrap();
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => shed += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, shed), (CAPACITY, STORM - CAPACITY));
+    assert_eq!(h.platform.wake_count(&key("storm")), 1);
+    eventually("nothing left in flight", || {
+        h.stats("storm")
+            .is_some_and(|s| s.in_flight == 0 && s.queued == 0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failed_wake_is_retried_while_requests_wait() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("flaky", serde_json::json!({})));
+    platform.fail_next_wakes(2);
+    let h = start(platform).await;
+    let pending = {
+        let client = h.client.clone();
+        let req = h.request("flaky.default", "/").body(empty()).unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    h.platform.wait_for_wakes(3).await;
+    assert_eq!(h.platform.desired(&key("flaky")), 1);
+    let replica = hello_backend("ok").await;
+    h.platform
+        .set_endpoints(&key("flaky"), vec![endpoint(replica)]);
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(h.platform.wake_count(&key("flaky")), 3);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_leaves_the_queue() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "leave",
+        serde_json::json!({"queue": {"capacity": 1}}),
+    ));
+    let h = start(platform).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: leave.default\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the request to queue", || h.queued("leave") == 1).await;
+    drop(stream);
+    eventually("its slot to be freed", || h.queued("leave") == 0).await;
+
+    // The slot is really free: the next request queues instead of being shed.
+    let next = {
+        let client = h.client.clone();
+        let req = h.request("leave.default", "/").body(empty()).unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    eventually("the next request to queue", || h.queued("leave") == 1).await;
+    let replica = hello_backend("ok").await;
+    h.platform
+        .set_endpoints(&key("leave"), vec![endpoint(replica)]);
+    assert_eq!(next.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+// ---------------------------------------------------------------- the warm path
+
+#[tokio::test]
+async fn container_concurrency_caps_each_replica_and_excess_waits() {
+    let current = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let replica = {
+        let (current, max, gate) = (current.clone(), max.clone(), gate.clone());
+        backend(move |_req| {
+            let (current, max, gate) = (current.clone(), max.clone(), gate.clone());
+            async move {
+                let now = current.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(now, Ordering::SeqCst);
+                gate.acquire().await.unwrap().forget();
+                current.fetch_sub(1, Ordering::SeqCst);
+                Response::new(text("done"))
+            }
+        })
+        .await
+    };
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "capped",
+        serde_json::json!({"scale": {"containerConcurrency": 1}}),
+    ));
+    platform.set_endpoints(&key("capped"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let mut requests = Vec::new();
+    for _ in 0..3 {
+        let client = h.client.clone();
+        let req = h.request("capped.default", "/").body(empty()).unwrap();
+        requests.push(tokio::spawn(async move { client.request(req).await }));
+    }
+    eventually("one at the replica and two queued", || {
+        current.load(Ordering::SeqCst) == 1
+            && h.stats("capped")
+                .is_some_and(|s| s.in_flight == 1 && s.queued == 2)
+    })
+    .await;
+    gate.add_permits(3);
+    for r in requests {
+        let resp = r.await.unwrap().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Waiting for capacity is not a cold start.
+        assert!(resp.headers().get("x-zeroscale-cold-start").is_none());
+    }
+    assert_eq!(max.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn load_is_spread_over_replicas() {
+    let hits = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let mut eps = Vec::new();
+    for i in 0..2 {
+        let hits = hits.clone();
+        eps.push(endpoint(
+            backend(move |_req| {
+                hits[i].fetch_add(1, Ordering::SeqCst);
+                async { Response::new(text("ok")) }
+            })
+            .await,
+        ));
+    }
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("spread", serde_json::json!({})));
+    platform.set_endpoints(&key("spread"), eps);
+    let h = start(platform).await;
+    for _ in 0..40 {
+        assert_eq!(h.get("spread.default").await.status(), StatusCode::OK);
+    }
+    let (a, b) = (
+        hits[0].load(Ordering::SeqCst),
+        hits[1].load(Ordering::SeqCst),
+    );
+    assert_eq!(a + b, 40);
+    assert!(a > 0 && b > 0, "{a} / {b}");
+}
+
+#[tokio::test]
+async fn a_replica_dying_mid_response_cuts_that_response_only() {
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, BoxError>>();
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let replica = backend(move |req| {
+        let rx = if req.uri().path() == "/die" {
+            rx.lock().unwrap().take()
+        } else {
+            None
+        };
+        async move {
+            match rx {
+                Some(rx) => Response::new(BoxBody::new(StreamBody::new(rx))),
+                None => Response::new(text("fine")),
+            }
+        }
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("dies", serde_json::json!({})));
+    platform.set_endpoints(&key("dies"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+
+    let resp = h
+        .send(h.request("dies.default", "/die").body(empty()).unwrap())
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    tx.unbounded_send(Ok(Frame::data(Bytes::from("partial"))))
+        .unwrap();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "partial");
+    // The replica dies: its connection is cut mid-body.
+    tx.unbounded_send(Err("replica crashed".into())).unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("the cut response ends");
+    assert!(rest.is_err(), "the client sees the response is incomplete");
+
+    eventually("the request to leave the counters", || {
+        h.stats("dies").is_some_and(|s| s.in_flight == 0)
+    })
+    .await;
+    let resp = h.get("dies.default").await;
+    assert_eq!(body_text(resp).await, "fine");
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_activator() {
+    let ws_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = ws_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = ws_listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        ws.send(msg).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("echo", serde_json::json!({})));
+    platform.set_endpoints(&key("echo"), vec![endpoint(ws_addr)]);
+    let h = start(platform).await;
+
+    let stream = TcpStream::connect(h.addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://echo.default/chat", stream)
+        .await
+        .expect("the upgrade goes through");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for text in ["hello", "world"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.to_text().unwrap(), text);
+    }
+    // The open tunnel counts as a request in flight; closing it ends it.
+    assert_eq!(h.stats("echo").unwrap().in_flight, 1);
+    ws.close(None).await.unwrap();
+    drop(ws);
+    eventually("the tunnel to close", || {
+        h.stats("echo").is_some_and(|s| s.in_flight == 0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn large_upload_is_streamed_through() {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 512; // 32 MiB
+    let replica = backend(|req| async move {
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        while let Some(frame) = body.frame().await {
+            n += frame.unwrap().into_data().map_or(0, |d| d.len());
+        }
+        Response::new(text(n.to_string()))
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("upload", serde_json::json!({})));
+    platform.set_endpoints(&key("upload"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let chunk = Bytes::from(vec![7u8; CHUNK]);
+    let frames = futures::stream::iter(
+        (0..CHUNKS).map(move |_| Ok::<_, BoxError>(Frame::data(chunk.clone()))),
+    );
+    let req = Request::post(format!("http://{}/upload", h.addr))
+        .header("host", "upload.default")
+        .body(BoxBody::new(StreamBody::new(frames)))
+        .unwrap();
+    let resp = h.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, (CHUNK * CHUNKS).to_string());
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let replica = hello_backend("over h2c").await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("h2", serde_json::json!({})));
+    platform.set_endpoints(&key("h2"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let client: Client<HttpConnector, TestBody> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let req = Request::get(format!("http://{}/", h.addr))
+        .header("host", "h2.default")
+        .body(empty())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "over h2c");
+}
+
+// ---------------------------------------------------------------- header hygiene
+
+#[tokio::test]
+async fn hop_by_hop_and_spoofed_headers_do_not_reach_the_replica() {
+    let replica = backend(|req| async move {
+        let mut lines: Vec<String> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        lines.sort();
+        let mut resp = Response::new(text(lines.join("\n")));
+        resp.headers_mut()
+            .insert("connection", "x-backend-hop".parse().unwrap());
+        resp.headers_mut()
+            .insert("x-backend-hop", "1".parse().unwrap());
+        resp.headers_mut()
+            .insert("x-zeroscale-cold-start", "true".parse().unwrap());
+        resp
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("hdr", serde_json::json!({})));
+    platform.set_endpoints(&key("hdr"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+
+    let req = h
+        .request("hdr.default", "/")
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "secret")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "gzip")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-zeroscale-internal", "spoofed")
+        .header("x-app", "kept")
+        .body(empty())
+        .unwrap();
+    let resp = h.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("x-backend-hop").is_none());
+    let seen = body_text(resp).await;
+    for absent in [
+        "x-client-hop",
+        "proxy-connection",
+        "te:",
+        "6.6.6.6",
+        "evil.example",
+        "x-zeroscale",
+    ] {
+        assert!(
+            !seen.contains(absent),
+            "{absent} reached the replica:\n{seen}"
+        );
+    }
+    for present in [
+        "x-app: kept",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: hdr.default",
+        "host: hdr.default",
+    ] {
+        assert!(seen.contains(present), "{present} missing:\n{seen}");
+    }
+}
+
+#[tokio::test]
+async fn trusted_proxies_extend_the_forwarding_chain() {
+    let replica = backend(|req| async move {
+        let xff = req
+            .headers()
+            .get("x-forwarded-for")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        Response::new(text(xff))
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("chain", serde_json::json!({})));
+    platform.set_endpoints(&key("chain"), vec![endpoint(replica)]);
+    let settings = Settings {
+        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Settings::default()
+    };
+    let h = start_with(platform, settings).await;
+    let req = h
+        .request("chain.default", "/")
+        .header("x-forwarded-for", "203.0.113.5")
+        .body(empty())
+        .unwrap();
+    assert_eq!(body_text(h.send(req).await).await, "203.0.113.5, 127.0.0.1");
+}
+
+// ---------------------------------------------------------------- stats, routing changes, shutdown
+
+#[tokio::test]
+async fn stats_and_metrics_follow_requests() {
+    let replica = hello_backend("ok").await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("counted", serde_json::json!({})));
+    platform.apply_function(function("idle", serde_json::json!({})));
+    platform.set_endpoints(&key("counted"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    for _ in 0..5 {
+        body_text(h.get("counted.default").await).await;
+    }
+    let snap = h.activator.snapshot();
+    assert_eq!(snap.activator, "activator");
+    // Functions without traffic cost nothing and are not reported.
+    assert_eq!(snap.functions.len(), 1);
+    let s = &snap.functions[0];
+    assert_eq!((s.requests_total, s.in_flight, s.queued), (5, 0, 0));
+    assert!(s.concurrency_seconds_total > 0.0);
+    assert!(s.last_request_unix_ms.is_some());
+
+    let route = h.activator.admin_route();
+    let resp = route("/stats").expect("/stats is served");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let parsed: zeroscale::stats::StatsSnapshot = serde_json::from_slice(&body).unwrap();
+    assert_eq!(parsed.functions[0].requests_total, 5);
+
+    let metrics = h.metrics_text();
+    assert!(metrics.contains(
+        "zeroscale_activator_requests_total{code=\"200\",function=\"counted\",namespace=\"default\"} 5"
+    ), "{metrics}");
+    assert!(metrics.contains("zeroscale_activator_request_duration_seconds_count{function=\"counted\",namespace=\"default\"} 5"));
+    assert!(
+        metrics.contains(
+            "zeroscale_activator_queue_depth{function=\"counted\",namespace=\"default\"} 0"
+        )
+    );
+}
+
+#[tokio::test]
+async fn deleted_function_stops_routing() {
+    let replica = hello_backend("ok").await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("temp", serde_json::json!({})));
+    platform.set_endpoints(&key("temp"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    assert_eq!(h.get("temp.default").await.status(), StatusCode::OK);
+    h.platform.delete_function(&key("temp"));
+    eventually("the Function to leave the table", || {
+        h.activator.function_count() == 0
+    })
+    .await;
+    assert_eq!(h.get("temp.default").await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn endpoint_in_flight_tracks_a_replica_until_its_requests_end() {
+    let gate = Arc::new(Semaphore::new(0));
+    let replica = {
+        let gate = gate.clone();
+        backend(move |_req| {
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                Response::new(text("drained"))
+            }
+        })
+        .await
+    };
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("drain", serde_json::json!({})));
+    platform.set_endpoints(&key("drain"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let pending = {
+        let client = h.client.clone();
+        let req = h.request("drain.default", "/").body(empty()).unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    eventually("the request to reach the replica", || {
+        h.activator.endpoint_in_flight(replica) == 1
+    })
+    .await;
+    // Removed from the ready set (scale-down), its request still counts.
+    h.platform.set_endpoints(&key("drain"), vec![]);
+    eventually("the endpoint update to apply", || {
+        h.activator.endpoint_in_flight(replica) == 1
+    })
+    .await;
+    gate.add_permits(1);
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(body_text(resp).await, "drained");
+    eventually("the replica to drain", || {
+        h.activator.endpoint_in_flight(replica) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
+    let gate = Arc::new(Semaphore::new(0));
+    let replica = {
+        let gate = gate.clone();
+        backend(move |_req| {
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                Response::new(text("finished"))
+            }
+        })
+        .await
+    };
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("graceful", serde_json::json!({})));
+    platform.set_endpoints(&key("graceful"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let pending = {
+        let client = h.client.clone();
+        let req = h.request("graceful.default", "/").body(empty()).unwrap();
+        tokio::spawn(async move { client.request(req).await })
+    };
+    eventually("a request in flight", || {
+        h.stats("graceful").is_some_and(|s| s.in_flight == 1)
+    })
+    .await;
+    h.shutdown.cancel();
+    eventually("the listener to close", || {
+        std::net::TcpStream::connect(h.addr).is_err()
+    })
+    .await;
+    gate.add_permits(1);
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(body_text(resp).await, "finished");
+    tokio::time::timeout(Duration::from_secs(10), h.task)
+        .await
+        .expect("run returns after draining")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_does_not_answer_within_the_request_timeout_is_504() {
+    let replica = backend(|_req| async {
+        futures::future::pending::<()>().await;
+        Response::new(empty())
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "stuck",
+        serde_json::json!({"timeouts": {"request": "3s"}}),
+    ));
+    platform.set_endpoints(&key("stuck"), vec![endpoint(replica)]);
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(3600),
+        ..Settings::default()
+    };
+    let h = start_with(platform, settings).await;
+    let started = Instant::now();
+    let resp = h.get("stuck.default").await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    eventually("the request to leave the counters", || {
+        h.stats("stuck").is_some_and(|s| s.in_flight == 0)
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_too_slow_to_send_its_head_is_disconnected() {
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(2),
+        ..Settings::default()
+    };
+    let h = start_with(MemoryPlatform::new(), settings).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 408"), "{out}");
+}
+
+#[tokio::test]
+async fn a_request_body_survives_a_retry_after_a_connect_failure() {
+    let replica = backend(|req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(text(body))
+    })
+    .await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("retry", serde_json::json!({})));
+    platform.set_endpoints(
+        &key("retry"),
+        vec![
+            endpoint(dead_addr().await),
+            endpoint(dead_addr().await),
+            endpoint(replica),
+        ],
+    );
+    let h = start(platform).await;
+    for i in 0..10 {
+        let chunks = futures::stream::iter(
+            ["part one, ", "part two"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c)))),
+        );
+        let req = Request::post(format!("http://{}/", h.addr))
+            .header("host", "retry.default")
+            .body(BoxBody::new(StreamBody::new(chunks)))
+            .unwrap();
+        let resp = h.send(req).await;
+        assert_eq!(resp.status(), StatusCode::OK, "attempt {i}");
+        assert_eq!(body_text(resp).await, "part one, part two");
+    }
+}
+
+#[tokio::test]
+async fn a_relist_is_the_truth() {
+    let replica = hello_backend("ok").await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("stays", serde_json::json!({})));
+    platform.set_endpoints(&key("stays"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    assert_eq!(h.get("stays.default").await.status(), StatusCode::OK);
+    h.platform.relist();
+    assert_eq!(h.get("stays.default").await.status(), StatusCode::OK);
+    assert_eq!(h.activator.function_count(), 1);
+}
+
+#[tokio::test]
+async fn a_replica_closing_kept_alive_connections_does_not_fail_requests() {
+    // A replica that answers one request per connection and closes it without saying so.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("oneshot", serde_json::json!({})));
+    platform.set_endpoints(&key("oneshot"), vec![endpoint(addr)]);
+    let h = start(platform).await;
+    for i in 0..50 {
+        let resp = h.get("oneshot.default").await;
+        assert_eq!(resp.status(), StatusCode::OK, "request {i}");
+        assert_eq!(body_text(resp).await, "ok");
+    }
+}
