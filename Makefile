@@ -24,9 +24,11 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Regenerate crds/ from the Rust types.
+## Regenerate crds/ (and its copies in the chart and kustomize) from the Rust types.
 crds:
 	$(CARGO) run --quiet -- crd > crds/function.yaml
+	cp crds/function.yaml charts/zeroscale/crds/function.yaml
+	cp crds/function.yaml config/crd/function.yaml
 
 ## Fail when crds/ is not what `zeroscale crd` prints.
 crds-check:

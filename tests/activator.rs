@@ -256,6 +256,41 @@ async fn warm_response_is_streamed() {
 }
 
 #[tokio::test]
+async fn an_http10_replica_does_not_downgrade_the_client() {
+    // python's http.server answers HTTP/1.0 and closes; the client asked in HTTP/1.1 and
+    // must get an HTTP/1.1 answer on a connection it can keep.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let replica = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("hello", serde_json::json!({})));
+    platform.set_endpoints(&key("hello"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+
+    let out = raw_exchange(
+        h.addr,
+        b"GET / HTTP/1.1\r\nHost: hello.default\r\n\r\nGET / HTTP/1.1\r\nHost: hello.default\r\nConnection: close\r\n\r\n".to_vec(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    assert_eq!(
+        out.matches("HTTP/1.1 200 OK").count(),
+        2,
+        "keep-alive kept: {out}"
+    );
+}
+
+#[tokio::test]
 async fn cold_request_wakes_once_and_is_marked() {
     let platform = MemoryPlatform::new();
     platform.apply_function(function(

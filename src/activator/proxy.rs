@@ -132,6 +132,9 @@ async fn forward(
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let upgrade = upgrade_protocol(&req);
+    // The response speaks the client's HTTP version, not the replica's: an HTTP/1.0
+    // replica (python's http.server) must not cost an HTTP/1.1 client its keep-alive.
+    let client_version = req.version();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts.headers, conn, &host, upgrade);
@@ -220,6 +223,7 @@ async fn forward(
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (mut parts, _) = resp.into_parts();
+        parts.version = client_version;
         strip_hop_by_hop(&mut parts.headers, true);
         let key = fs.key.clone();
         tokio::spawn(async move {
@@ -241,6 +245,7 @@ async fn forward(
     }
 
     let (mut parts, body) = resp.into_parts();
+    parts.version = client_version;
     strip_hop_by_hop(&mut parts.headers, false);
     // Only the activator says whether a response waited for a wake.
     parts.headers.remove(&COLD_START);

@@ -85,6 +85,13 @@ pub fn function_crd() -> CustomResourceDefinition {
     root["description"] = serde_json::Value::String(
         "A Function is an HTTP workload that zeroscale runs, routes to and scales, down to zero replicas when idle.".into(),
     );
+    // The name also names the Function's Services (`<name>`, `<name>-private`) and its
+    // EndpointSlice (`<name>-activator`): refuse at apply time what those can't carry.
+    // The operator checks the same at runtime (API servers without CEL).
+    root["x-kubernetes-validations"] = serde_json::json!([{
+        "rule": "self.metadata.name.size() <= 53 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter) of at most 53 characters: it names the Function's Services"
+    }]);
     serde_json::from_value(value).unwrap_or(crd)
 }
 
@@ -189,6 +196,8 @@ mod tests {
         let scale = &s["properties"]["spec"]["properties"]["scale"];
         let rules = scale["x-kubernetes-validations"].as_array().unwrap();
         assert_eq!(rules.len(), 3);
+        let name_rule = s["x-kubernetes-validations"][0]["rule"].as_str().unwrap();
+        assert!(name_rule.contains(&format!("<= {}", crate::operator::build::MAX_NAME_LEN)));
         fn undocumented(v: &Value, path: &str, out: &mut Vec<String>) {
             if let Some(props) = v.get("properties").and_then(Value::as_object) {
                 for (k, p) in props {

@@ -438,8 +438,7 @@ fn differences(before: &StatsSnapshot, after: &StatsSnapshot) -> Option<Differen
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::config::{Defaults, FunctionConfig, ScaleConfig};
-    use crate::api::{FunctionSpec, PodTemplate};
+    use crate::api::config::ScaleConfig;
     use crate::autoscaler::decider::{Decider, Observation};
 
     fn key() -> FunctionKey {
@@ -660,17 +659,7 @@ mod tests {
     }
 
     fn cfg() -> ScaleConfig {
-        let spec = FunctionSpec {
-            template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
-            port: None,
-            hosts: vec![],
-            scale: None,
-            timeouts: None,
-            queue: None,
-        };
-        FunctionConfig::resolve(&spec, &Defaults::default())
-            .expect("defaults resolve")
-            .scale
+        crate::autoscaler::simulate::default_scale_config().expect("defaults resolve")
     }
 
     #[test]

@@ -393,23 +393,11 @@ impl Decider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::config::{Defaults, FunctionConfig};
-    use crate::api::{FunctionSpec, PodTemplate};
 
     /// The built-in defaults: target 10 x 70% = 7 per replica, window 60s, panic 6s,
     /// idle 30s, initial 1, max 10.
     fn cfg() -> ScaleConfig {
-        let spec = FunctionSpec {
-            template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
-            port: None,
-            hosts: vec![],
-            scale: None,
-            timeouts: None,
-            queue: None,
-        };
-        FunctionConfig::resolve(&spec, &Defaults::default())
-            .expect("defaults resolve")
-            .scale
+        crate::autoscaler::simulate::default_scale_config().expect("defaults resolve")
     }
 
     /// Drives a decider one second per step, feeding back its decisions as the

@@ -110,7 +110,7 @@ pub const ACTIVATOR_RULES: &[Rule] = &[
     rule(
         "zeroscale.dev",
         &["functions"],
-        &["get", "list", "watch"],
+        &["list", "watch"],
         Scope::Watched,
     ),
     rule(

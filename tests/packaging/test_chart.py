@@ -57,6 +57,8 @@ def test_renders_labelled_namespaced_objects(render_values, values_file):
         ({"operator": {"replicas": 0}}, "minimum"),
         ({"activator": {"autoscaling": {"targetCPUUtilizationPercentage": 150}}}, "maximum"),
         ({"watchNamespaces": ["Not_A_Namespace"]}, "pattern"),
+        # The components watch one namespace or all of them, not a list.
+        ({"watchNamespaces": ["team-a", "team-b"]}, "maxItems|at most|1"),
         ({"defaults": {"scale": {"idleTimout": "5m"}}}, "idleTimout"),
         ({"defaults": {"scale": {"metric": "latency"}}}, "concurrency"),
         ({"defaults": {"scale": {"idleTimeout": "5 minutes"}}}, "pattern"),
@@ -123,13 +125,13 @@ def test_activator_service_ports(default_docs):
 
 
 def test_scoped_install_grants_nothing_cluster_wide_to_components(render_values):
-    docs = render_values({"watchNamespaces": ["team-a", "team-b"], "rbac": {"aggregateToDefaultRoles": False}})
+    docs = render_values({"watchNamespaces": ["team-a"], "rbac": {"aggregateToDefaultRoles": False}})
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
     for component in ("operator", "activator"):
         roles = find(docs, "Role", f"zeroscale-{component}")
-        assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+        assert [r["metadata"]["namespace"] for r in roles] == ["team-a"]
         bindings = find(docs, "RoleBinding", f"zeroscale-{component}")
-        assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+        assert [b["metadata"]["namespace"] for b in bindings] == ["team-a"]
         for binding in bindings:
             assert binding["subjects"] == [
                 {"kind": "ServiceAccount", "name": f"zeroscale-{component}", "namespace": "zeroscale-system"}
@@ -137,7 +139,8 @@ def test_scoped_install_grants_nothing_cluster_wide_to_components(render_values)
     own_role = one(docs, "Role", "zeroscale-operator-own-namespace")
     assert own_role["metadata"]["namespace"] == "zeroscale-system"
     operator = one(docs, "Deployment", "zeroscale-operator")["spec"]["template"]["spec"]["containers"][0]
-    assert "--namespace=team-a,team-b" in operator["args"]
+    assert "--namespace=team-a" in operator["args"]
+
 
 
 def test_hpa_takes_over_the_activator_replicas(render_values):
