@@ -311,8 +311,7 @@ impl Watcher {
             {
                 continue;
             }
-            let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-            let base = std::path::absolute(&base).unwrap_or(base);
+            let base = manifest_dir(&file);
             match self.platform.apply(function.clone(), &base) {
                 Ok(Applied::Created) => {
                     info!(function = %key, file = %file.display(), "Function added");
@@ -361,8 +360,26 @@ impl Watcher {
     }
 }
 
+/// The folder a manifest's relative `workingDir` is resolved against: the manifest's own
+/// folder, absolute (`-f hello.yaml` has an empty parent, which means the current one).
+fn manifest_dir(file: &Path) -> PathBuf {
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::path::absolute(&parent).unwrap_or(parent)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_bare_file_name_runs_in_the_current_folder() {
+        let dir = super::manifest_dir(std::path::Path::new("hello.yaml"));
+        assert_eq!(dir, std::env::current_dir().unwrap());
+        let nested = super::manifest_dir(std::path::Path::new("examples/hello.yaml"));
+        assert_eq!(nested, std::env::current_dir().unwrap().join("examples"));
+    }
+
     use super::*;
 
     const GOOD: &str = "apiVersion: zeroscale.dev/v1alpha1\nkind: Function\nmetadata: {name: a}\nspec:\n  template: {spec: {containers: [{name: app, command: [x]}]}}\n";

@@ -38,7 +38,10 @@ const MAX_LINE: u64 = 16 * 1024;
 const ENDPOINT_PROPAGATION: Duration = Duration::from_millis(100);
 /// A process that ran this long before exiting starts a fresh back-off sequence.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
-/// Readiness polling before the first success when the probe sets no period.
+/// Readiness polling before the first success when the probe sets no period: starts at
+/// `FIRST_PROBE` and doubles up to `FAST_PROBE`, so a replica that binds its port within
+/// milliseconds is routed within milliseconds (a cold start waits on this).
+const FIRST_PROBE: Duration = Duration::from_millis(2);
 const FAST_PROBE: Duration = Duration::from_millis(50);
 /// A replica not ready after this long gets a warning with the last probe error.
 const SLOW_START_WARNING: Duration = Duration::from_secs(10);
@@ -216,6 +219,7 @@ async fn probe_loop(ctx: &ReplicaCtx, port: u16, launch: &Launch) {
     sleep(spec.initial_delay).await;
     let (mut ready, mut warned) = (false, false);
     let (mut successes, mut failures) = (0u32, 0u32);
+    let mut fast_probe = FIRST_PROBE;
     loop {
         match probe::check(spec, port, launch).await {
             Ok(()) => {
@@ -245,7 +249,11 @@ async fn probe_loop(ctx: &ReplicaCtx, port: u16, launch: &Launch) {
         let interval = match spec.period {
             Some(p) => p,
             None if ready => Duration::from_secs(1),
-            None => FAST_PROBE,
+            None => {
+                let now = fast_probe;
+                fast_probe = (fast_probe * 2).min(FAST_PROBE);
+                now
+            }
         };
         sleep(interval).await;
     }
