@@ -197,6 +197,22 @@ where
     addr
 }
 
+/// A replica that answers `reply` only when the test adds a permit to the returned gate,
+/// so a request can be held in flight for as long as a test needs.
+async fn gated_backend(reply: &'static str) -> (SocketAddr, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let held = gate.clone();
+    let addr = backend(move |_req| {
+        let gate = held.clone();
+        async move {
+            gate.acquire().await.unwrap().forget();
+            Response::new(text(reply))
+        }
+    })
+    .await;
+    (addr, gate)
+}
+
 async fn hello_backend(reply: &'static str) -> SocketAddr {
     backend(move |_req| async move { Response::new(text(reply)) }).await
 }
@@ -1001,18 +1017,7 @@ async fn deleted_function_stops_routing() {
 
 #[tokio::test]
 async fn endpoint_in_flight_tracks_a_replica_until_its_requests_end() {
-    let gate = Arc::new(Semaphore::new(0));
-    let replica = {
-        let gate = gate.clone();
-        backend(move |_req| {
-            let gate = gate.clone();
-            async move {
-                gate.acquire().await.unwrap().forget();
-                Response::new(text("drained"))
-            }
-        })
-        .await
-    };
+    let (replica, gate) = gated_backend("drained").await;
     let platform = MemoryPlatform::new();
     platform.apply_function(function("drain", serde_json::json!({})));
     platform.set_endpoints(&key("drain"), vec![endpoint(replica)]);
@@ -1043,18 +1048,7 @@ async fn endpoint_in_flight_tracks_a_replica_until_its_requests_end() {
 
 #[tokio::test]
 async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
-    let gate = Arc::new(Semaphore::new(0));
-    let replica = {
-        let gate = gate.clone();
-        backend(move |_req| {
-            let gate = gate.clone();
-            async move {
-                gate.acquire().await.unwrap().forget();
-                Response::new(text("finished"))
-            }
-        })
-        .await
-    };
+    let (replica, gate) = gated_backend("finished").await;
     let platform = MemoryPlatform::new();
     platform.apply_function(function("graceful", serde_json::json!({})));
     platform.set_endpoints(&key("graceful"), vec![endpoint(replica)]);
