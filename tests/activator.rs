@@ -217,10 +217,15 @@ async fn hello_backend(reply: &'static str) -> SocketAddr {
     backend(move |_req| async move { Response::new(text(reply)) }).await
 }
 
-/// An address nobody listens on.
+/// An address nobody listens on, for the whole test run: the port stays bound (never
+/// listening), so connects are refused and no parallel test process can take the port
+/// and answer in its place.
 async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
+    addr
 }
 
 async fn raw_exchange(addr: SocketAddr, request: Vec<u8>) -> String {
