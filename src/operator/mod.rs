@@ -214,7 +214,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         metrics.leader.set(1);
         let work = shutdown.child_token();
         let autoscaler = crate::autoscaler::Autoscaler::new(
-            Arc::new(KubePlatform::new(client.clone(), namespace.clone())),
+            Arc::new(KubePlatform::new(client.clone(), namespace.clone()).with_deployment_cache()),
             Arc::new(crate::autoscaler::collector::HttpSource::new(
                 client.clone(),
                 activator_ns.clone(),

@@ -19,6 +19,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{debug, warn};
@@ -45,6 +46,10 @@ pub struct KubePlatform {
     client: kube::Client,
     namespace: Option<String>,
     recorder: Recorder,
+    /// Functions' Deployments from one watch, when enabled: the autoscaler reads every
+    /// Function's scale each tick, and a GET per Function per second would load the API
+    /// server with the Function count.
+    deployment_cache: Option<Arc<std::sync::OnceLock<Store<Deployment>>>>,
 }
 
 impl KubePlatform {
@@ -56,7 +61,35 @@ impl KubePlatform {
             client,
             namespace,
             recorder,
+            deployment_cache: None,
         }
+    }
+
+    /// Answers [`Platform::scale`] from a watch of the Functions' Deployments (started on
+    /// first use) instead of a GET per call; a miss still falls back to a GET. A stale
+    /// entry costs nothing worse than a Conflict on the next `set_scale`, which carries
+    /// the resourceVersion it read.
+    pub fn with_deployment_cache(mut self) -> Self {
+        self.deployment_cache = Some(Arc::new(std::sync::OnceLock::new()));
+        self
+    }
+
+    fn cached_deployment(&self, key: &FunctionKey) -> Option<Arc<Deployment>> {
+        let cache = self.deployment_cache.as_ref()?;
+        let store = cache.get_or_init(|| {
+            let (reader, writer) = reflector::store();
+            let events = reflector::reflector(
+                writer,
+                watcher(
+                    self.all::<Deployment>(),
+                    watcher::Config::default().labels(FUNCTION_LABEL),
+                )
+                .default_backoff(),
+            );
+            tokio::spawn(events.for_each(|_| async {}));
+            reader
+        });
+        store.get(&ObjectRef::new(&key.name).within(&key.namespace))
     }
 
     fn all<K>(&self) -> Api<K>
@@ -324,11 +357,15 @@ impl Platform for KubePlatform {
     }
 
     async fn scale(&self, key: &FunctionKey) -> Result<Scale, PlatformError> {
-        let d = self
-            .deployments(key)
-            .get(&key.name)
-            .await
-            .map_err(|e| map_err(key, e))?;
+        let d = match self.cached_deployment(key) {
+            Some(d) => d,
+            None => Arc::new(
+                self.deployments(key)
+                    .get(&key.name)
+                    .await
+                    .map_err(|e| map_err(key, e))?,
+            ),
+        };
         let count = |v: Option<i32>| u32::try_from(v.unwrap_or(0)).unwrap_or(0);
         Ok(Scale {
             desired: count(d.spec.as_ref().and_then(|s| s.replicas)),
