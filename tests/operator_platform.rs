@@ -204,6 +204,66 @@ async fn scale_reads_desired_ready_and_version_from_the_deployment() {
 }
 
 #[tokio::test]
+async fn with_the_cache_scale_is_read_from_the_deployment_watch_not_a_get_per_call() {
+    let deployment = |replicas: i32, version: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "hello", "namespace": "default", "resourceVersion": version},
+               "spec": {"replicas": replicas, "selector": {}, "template": {}},
+               "status": {"replicas": replicas, "readyReplicas": replicas}})
+    };
+    let (p, calls) = platform(Box::new(move |call| {
+        if call.path == "/apis/apps/v1/deployments" && !call.query.contains("watch=true") {
+            // The list behind the cache: 4 replicas at version 20.
+            assert!(
+                call.query.contains("zeroscale.dev%2Ffunction"),
+                "{}",
+                call.query
+            );
+            (
+                200,
+                json!({"apiVersion": "apps/v1", "kind": "DeploymentList",
+                         "metadata": {"resourceVersion": "20"}, "items": [deployment(4, "20")]}),
+            )
+        } else if call.query.contains("watch=true") {
+            (200, json!({}))
+        } else {
+            // A direct GET: 1 replica at version 7.
+            (200, deployment(1, "7"))
+        }
+    }));
+    let p = p.with_deployment_cache();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = p.scale(&key()).await.unwrap();
+        if s.version.as_deref() == Some("20") {
+            assert_eq!((s.desired, s.ready), (4, 4));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cache never filled"
+        );
+        tokio::task::yield_now().await;
+    }
+    let gets = |calls: &Arc<Mutex<Vec<Call>>>| {
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.path == "/apis/apps/v1/namespaces/default/deployments/hello")
+            .count()
+    };
+    let before = gets(&calls);
+    for _ in 0..20 {
+        assert_eq!(
+            p.scale(&key()).await.unwrap().version.as_deref(),
+            Some("20")
+        );
+    }
+    assert_eq!(gets(&calls), before, "a filled cache makes no GET per call");
+}
+
+#[tokio::test]
 async fn autoscaler_status_is_applied_with_its_own_field_manager() {
     // The API server answers with the whole Function.
     let (p, calls) = platform(Box::new(|c| {
