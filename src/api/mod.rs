@@ -149,9 +149,9 @@ pub enum MetricKind {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!has(self.min) || !has(self.max) || self.min <= self.max", "message": "scale.min must not exceed scale.max", "fieldPath": ".min", "reason": "FieldValueInvalid"},
-    {"rule": "!has(self.initial) || !has(self.max) || self.initial <= self.max", "message": "scale.initial must not exceed scale.max", "fieldPath": ".initial", "reason": "FieldValueInvalid"},
-    {"rule": "!has(self.initial) || !has(self.min) || self.initial >= self.min", "message": "scale.initial must be at least scale.min", "fieldPath": ".initial", "reason": "FieldValueInvalid"}
+    {"rule": "!has(self.min) || !has(self.max) || self.min <= self.max", "message": "scale.min must not exceed scale.max"},
+    {"rule": "!has(self.initial) || !has(self.max) || self.initial <= self.max", "message": "scale.initial must not exceed scale.max"},
+    {"rule": "!has(self.initial) || !has(self.min) || self.initial >= self.min", "message": "scale.initial must be at least scale.min"}
 ]))]
 pub struct ScaleSpec {
     /// Fewest replicas. 0 lets the Function scale to zero when idle. Default 0.
