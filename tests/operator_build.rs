@@ -229,6 +229,49 @@ fn public_service_has_no_selector_and_answers_on_port_80() {
     );
 }
 
+/// The API server refuses an object with a label value it can't carry (the first landing's
+/// `managed-by: zeroscale.dev/operator` made every Function unroutable on a cluster).
+#[test]
+fn every_label_and_annotation_of_every_object_is_one_the_api_server_accepts() {
+    use kube::Resource;
+    let mut f = hello();
+    // The longest name a Function may have: its labels carry it.
+    let longest = format!("f{}", "o".repeat(build::MAX_NAME_LEN - 1));
+    f.metadata.name = Some(longest.clone());
+    let desired = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators())).unwrap();
+    let template = desired
+        .deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.clone())
+        .expect("template metadata");
+    let metas: Vec<(&str, &ObjectMeta)> = vec![
+        ("Deployment", desired.deployment.meta()),
+        ("pod template", &template),
+        ("private Service", desired.private_service.meta()),
+        ("public Service", desired.public_service.meta()),
+        (
+            "activator EndpointSlice",
+            desired.activator_slice.as_ref().expect("a slice").meta(),
+        ),
+    ];
+    for (what, meta) in metas {
+        for (k, v) in meta.labels.iter().flatten() {
+            assert!(build::is_label_key(k), "{what}: label key {k:?}");
+            assert!(build::is_label_value(v), "{what}: label {k}={v:?}");
+        }
+        for k in meta.annotations.iter().flatten().map(|(k, _)| k) {
+            assert!(build::is_label_key(k), "{what}: annotation key {k:?}");
+        }
+    }
+    for bad in ["zeroscale.dev/operator", "-a", "a-", &"x".repeat(64)] {
+        assert!(!build::is_label_value(bad), "{bad:?} must be refused");
+    }
+    for good in ["", "operator.zeroscale.dev", "endpointslice-controller.k8s.io", "A_b-1"] {
+        assert!(build::is_label_value(good), "{good:?} must be accepted");
+    }
+}
+
 #[test]
 fn activator_slice_points_the_public_service_at_the_activators() {
     let f = hello();
@@ -244,7 +287,12 @@ fn activator_slice_points_the_public_service_at_the_activators() {
     assert_eq!(
         l.get("endpointslice.kubernetes.io/managed-by")
             .map(String::as_str),
-        Some("zeroscale.dev/operator")
+        Some(build::SLICE_MANAGER)
+    );
+    assert_ne!(
+        build::SLICE_MANAGER,
+        "endpointslice-controller.k8s.io",
+        "the built-in controller would delete a slice that claims to be its own"
     );
     assert_ne!(
         l.get("zeroscale.dev/service").map(String::as_str),

@@ -26,8 +26,9 @@ pub const SERVICE_LABEL: &str = "zeroscale.dev/service";
 /// see a field the user *removed* from the spec, which a subset comparison cannot.
 pub const HASH_ANNOTATION: &str = "zeroscale.dev/applied-hash";
 /// `endpointslice.kubernetes.io/managed-by` of the slices zeroscale writes (never the
-/// built-in controller's value, or it would delete them).
-pub const SLICE_MANAGER: &str = "zeroscale.dev/operator";
+/// built-in controller's value, or it would delete them). A label *value*: no `/`, as
+/// the built-in `endpointslice-controller.k8s.io`.
+pub const SLICE_MANAGER: &str = "operator.zeroscale.dev";
 /// The port name shared by the Services and the EndpointSlices (they must match).
 pub const PORT_NAME: &str = "http";
 /// The port the public Service answers on.
@@ -54,6 +55,43 @@ pub fn check_name(name: &str) -> Option<String> {
              names the Function's Services"
         )
     })
+}
+
+/// Whether `value` is a valid label value: at most 63 characters of alphanumerics, `-`,
+/// `_` and `.`, beginning and ending with an alphanumeric (or empty). The API server
+/// refuses an object with any other.
+pub fn is_label_value(value: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    value.is_empty()
+        || (value.len() <= 63
+            && value.starts_with(alnum)
+            && value.ends_with(alnum)
+            && value
+                .chars()
+                .all(|c| alnum(c) || matches!(c, '-' | '_' | '.')))
+}
+
+/// Whether `key` is a valid label or annotation key: an optional DNS-subdomain prefix
+/// (at most 253 characters) and `/`, then a name as [`is_label_value`] but not empty.
+pub fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
 }
 
 /// The name of a Function's private Service (selects its pods).
