@@ -339,7 +339,12 @@ mod tests {
                 .flatten()
                 .enumerate()
             {
-                keys(rule, RULE, &format!("{path}.x-kubernetes-validations[{i}]"), out);
+                keys(
+                    rule,
+                    RULE,
+                    &format!("{path}.x-kubernetes-validations[{i}]"),
+                    out,
+                );
             }
             for (k, p) in v["properties"].as_object().into_iter().flatten() {
                 schema(p, &format!("{path}.properties.{k}"), out);
@@ -361,12 +366,26 @@ mod tests {
         keys(&crd, CRD, "", &mut unknown);
         keys(&crd["spec"], SPEC, ".spec", &mut unknown);
         keys(&crd["spec"]["names"], NAMES, ".spec.names", &mut unknown);
-        for (i, v) in crd["spec"]["versions"].as_array().unwrap().iter().enumerate() {
+        for (i, v) in crd["spec"]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
             let here = format!(".spec.versions[{i}]");
             keys(v, VERSION, &here, &mut unknown);
             keys(&v["subresources"], SUBRESOURCES, &here, &mut unknown);
-            for c in v["additionalPrinterColumns"].as_array().into_iter().flatten() {
-                keys(c, COLUMN, &format!("{here}.additionalPrinterColumns"), &mut unknown);
+            for c in v["additionalPrinterColumns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                keys(
+                    c,
+                    COLUMN,
+                    &format!("{here}.additionalPrinterColumns"),
+                    &mut unknown,
+                );
             }
             schema(
                 &v["schema"]["openAPIV3Schema"],
