@@ -15,6 +15,7 @@
 //! the wait for a replica's response head; a streamed body may then take longer.
 
 mod balancer;
+pub mod drain;
 mod error;
 mod gate;
 mod pool;
@@ -24,7 +25,7 @@ mod stats;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,6 +73,11 @@ pub struct Config {
     /// Namespace whose Functions to serve; empty for all namespaces.
     #[arg(long, env = "ZEROSCALE_NAMESPACE", default_value = "")]
     pub namespace: String,
+    /// The activator Service (`namespace/name`) whose ready pods are this activator's
+    /// peers: a replica's drain waits until none of them has a request in flight to it.
+    /// Empty: no peers (a single activator).
+    #[arg(long, env = "ZEROSCALE_ACTIVATOR_SERVICE", default_value = "")]
+    pub activator_service: String,
     /// This activator's name in its stats (the pod name); a random id when unset.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -125,9 +131,19 @@ pub async fn run(config: Config) -> crate::Result<()> {
     };
     let client = kube::Client::try_default().await?;
     let namespace = (!config.namespace.is_empty()).then(|| config.namespace.clone());
-    let platform = Arc::new(crate::platform::kube::KubePlatform::new(client, namespace));
+    let platform = Arc::new(crate::platform::kube::KubePlatform::new(
+        client.clone(),
+        namespace,
+    ));
     let registry = prometheus::Registry::new();
     let activator = Activator::new(platform, settings, &registry)?;
+    if !config.activator_service.is_empty() {
+        let (ns, name) = crate::operator::parse_service(&config.activator_service)
+            .map_err(|e| Error::Other(e.to_string()))?;
+        activator.set_drain_peers(Arc::new(
+            crate::platform::directory::ActivatorDirectory::new(client, ns, name),
+        ));
+    }
 
     let listener = telemetry::bind(config.listen, "traffic").await?;
     let admin = telemetry::bind(config.admin_listen, "admin").await?;
@@ -215,6 +231,8 @@ pub struct Activator {
     metrics: Metrics,
     /// Bit 0: Functions listed; bit 1: endpoints listed.
     synced: watch::Sender<u8>,
+    /// The other activators, for drains (none: this one's view is the whole view).
+    peers: OnceLock<Arc<dyn drain::DrainPeers>>,
 }
 
 impl Activator {
@@ -231,6 +249,7 @@ impl Activator {
             platform,
             metrics,
             synced: watch::Sender::new(0),
+            peers: OnceLock::new(),
         }))
     }
 
@@ -240,6 +259,12 @@ impl Activator {
 
     fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
         self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the activator where its peers are, so a drain waits for their requests too
+    /// (see [`drain`]). Set once; later calls are ignored.
+    pub fn set_drain_peers(&self, peers: Arc<dyn drain::DrainPeers>) {
+        let _ = self.peers.set(peers);
     }
 
     /// Resolves once the first full list of Functions and of endpoints is applied: from
@@ -403,10 +428,13 @@ impl Activator {
         self.table().endpoint_in_flight(addr)
     }
 
-    /// The `/stats` route for the admin endpoint.
+    /// The `/stats` and `/drain-status` routes for the admin endpoint.
     pub fn admin_route(self: &Arc<Self>) -> AdminRoute {
         let weak = Arc::downgrade(self);
         Arc::new(move |path: &str| {
+            if path.starts_with("/drain-status") {
+                return drain::status_route(&*weak.upgrade()?, path);
+            }
             if path != "/stats" && !path.starts_with("/stats?") {
                 return None;
             }

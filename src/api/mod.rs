@@ -28,6 +28,11 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_ACTIVE: &str = "Active";
 /// Response header set on responses that waited for a wake from zero.
 pub const COLD_START_HEADER: &str = "x-zeroscale-cold-start";
+/// The path prefix of a replica's drain request to the activators:
+/// `/.zeroscale/drain/<namespace>/<name>`, sent by the kubelet as the replica's `preStop`
+/// hook (see `activator::drain`). It is only answered for a Host that no Function can
+/// have (an IP address, as the kubelet sends), so it never shadows a Function's path.
+pub const DRAIN_PATH_PREFIX: &str = "/.zeroscale/drain/";
 
 /// Reasons on the `Active` condition that mean the Function's replicas cannot start.
 /// The activator fails requests fast (503 with the message) while one of them is current.

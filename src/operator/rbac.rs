@@ -31,6 +31,8 @@ pub enum Scope {
 pub enum Call {
     /// GET of one object.
     Get,
+    /// A LIST.
+    List,
     /// A reflector/watcher: a LIST, then a WATCH, and a LIST again after a gap.
     Watch,
     /// POST.
@@ -48,6 +50,7 @@ impl Call {
     pub const fn verbs(self) -> &'static [&'static str] {
         match self {
             Call::Get => &["get"],
+            Call::List => &["list"],
             Call::Watch => &["list", "watch"],
             Call::Create => &["create"],
             Call::Update => &["update"],
@@ -143,14 +146,16 @@ pub const OPERATOR_RULES: &[Rule] = &[
         &[Call::Get, Call::Watch, Call::Apply],
         Scope::Watched,
     ),
-    // The activator Service's slices (they live in zeroscale's own namespace, which a
-    // namespace-scoped install does not watch otherwise).
+    // The activator Service and its slices (they live in zeroscale's own namespace,
+    // which a namespace-scoped install does not watch otherwise): the activator pods
+    // every Function routes to, and the ClusterIP replicas' drain hooks call.
     rule(
         "discovery.k8s.io",
         &["endpointslices"],
         &[Call::Watch],
         Scope::OwnNamespace,
     ),
+    rule("", &["services"], &[Call::Watch], Scope::OwnNamespace),
     // Startup failures (image pull, crash loop, unschedulable) come from the pods.
     rule("", &["pods"], &[Call::Watch], Scope::Watched),
     // kube's event Recorder creates an Event and patches its series on repeats.
@@ -189,6 +194,16 @@ pub const ACTIVATOR_RULES: &[Rule] = &[
         &["deployments/scale"],
         &[Call::Get, Call::Update],
         Scope::Watched,
+    ),
+    // A drain: which of a Function's pods are stopping (a fresh list, see
+    // `activator::drain`).
+    rule("", &["pods"], &[Call::List], Scope::Watched),
+    // The peer activators a drain asks (the activator Service's slices).
+    rule(
+        "discovery.k8s.io",
+        &["endpointslices"],
+        &[Call::Watch],
+        Scope::OwnNamespace,
     ),
 ];
 
@@ -263,7 +278,12 @@ mod tests {
     fn a_watch_lists_and_an_apply_creates_or_patches() {
         assert_eq!(Call::Watch.verbs(), &["list", "watch"]);
         assert_eq!(Call::Apply.verbs(), &["create", "patch"]);
-        let r = rule("", &["x"], &[Call::Apply, Call::Patch, Call::Get], Scope::Watched);
+        let r = rule(
+            "",
+            &["x"],
+            &[Call::Apply, Call::Patch, Call::Get],
+            Scope::Watched,
+        );
         assert_eq!(r.verbs(), vec!["create", "get", "patch"]);
     }
 }

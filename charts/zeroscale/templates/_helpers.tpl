@@ -146,6 +146,9 @@ release namespace.
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{- define "zeroscale.activator.watchedRules" -}}
@@ -158,4 +161,13 @@ release namespace.
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["get", "update"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+{{- end }}
+
+{{- define "zeroscale.activator.localRules" -}}
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
 {{- end }}
