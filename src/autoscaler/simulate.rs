@@ -1,7 +1,8 @@
 //! Replays a synthetic load trace through the [`Decider`] in simulated time, with a
 //! model of the activator (wakes 0 -> `initial` on the first request) and of replicas
 //! that become ready after a startup delay, and returns the replica timeline. Tests
-//! assert on it; the benchmark prints its [`Summary`] for the [`standard_traces`].
+//! assert on it; the benchmark prints its [`Summary`] for the [`standard_traces`] and
+//! the [`boundary_trace`].
 
 use std::time::Duration;
 
@@ -9,20 +10,43 @@ use tokio::time::Instant;
 
 use super::decider::{Decider, Load, Observation};
 use crate::api::config::{Defaults, FunctionConfig, Metric, ScaleConfig, ValidationErrors};
-use crate::api::{FunctionSpec, PodTemplate};
+use crate::api::{FunctionSpec, PodTemplate, ScaleSpec};
 
 /// The scale settings of a Function that sets none: the built-in defaults (target 10
 /// at 70%, window 60s, panic 10% / 200%, idle 30s, max 10).
 pub fn default_scale_config() -> Result<ScaleConfig, ValidationErrors> {
+    resolve(None)
+}
+
+/// The scale settings of issue 12's flapping Function: `target: 1, utilization: 100,
+/// window: 6s` (so one request in flight is exactly one replica's worth), the rest
+/// the built-in defaults.
+pub fn boundary_scale_config() -> Result<ScaleConfig, ValidationErrors> {
+    resolve(Some(ScaleSpec {
+        target: Some(1),
+        utilization: Some(100),
+        window: Some("6s".into()),
+        ..ScaleSpec::default()
+    }))
+}
+
+/// The settings a Function with `scale` and the built-in defaults resolves to.
+fn resolve(scale: Option<ScaleSpec>) -> Result<ScaleConfig, ValidationErrors> {
     let spec = FunctionSpec {
         template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
         port: None,
         hosts: vec![],
-        scale: None,
+        scale,
         timeouts: None,
         queue: None,
     };
     FunctionConfig::resolve(&spec, &Defaults::default()).map(|c| c.scale)
+}
+
+/// The boundary load the benchmark reports on with [`boundary_scale_config`]: one
+/// closed-loop client ([`Trace::one_client`]) for five minutes.
+pub fn boundary_trace() -> Trace {
+    Trace::one_client("boundary", 300)
 }
 
 /// A load trace: the demand of each simulated second.
@@ -37,6 +61,12 @@ pub struct Trace {
     pub startup: Duration,
     /// Time a request takes, to convert between concurrency and rps (Little's law).
     pub latency: Duration,
+    /// How long the activator keeps counting a request after the replica answered, while
+    /// the closed-loop client's next one is already in flight (zero: no overlap). The
+    /// activator then measures `demand x (1 + overlap / latency)` concurrent requests,
+    /// a hair above the true demand, and a snapshot of the requests in flight catches
+    /// one twice in `demand x overlap / latency` of the ticks.
+    pub overlap: Duration,
 }
 
 impl Trace {
@@ -48,6 +78,23 @@ impl Trace {
             demand,
             startup: Duration::from_secs(2),
             latency: Duration::from_millis(100),
+            overlap: Duration::ZERO,
+        }
+    }
+
+    /// One closed-loop client sending 200 ms requests back to back, `seconds` long after
+    /// 5 s of quiet, as the activator's counters report it: exactly one request in
+    /// flight, measured 1% over (each request is counted 2 ms past the replica's
+    /// answer) with a snapshot now and then that sees 2 in flight. Sits exactly at the
+    /// target of [`boundary_scale_config`].
+    pub fn one_client(name: &str, seconds: usize) -> Self {
+        Self {
+            latency: Duration::from_millis(200),
+            overlap: Duration::from_millis(2),
+            ..Self::concurrency(
+                name,
+                [Self::constant(0.0, 5), Self::constant(1.0, seconds)].concat(),
+            )
         }
     }
 
@@ -57,6 +104,12 @@ impl Trace {
             unit: Metric::Rps,
             ..Self::concurrency(name, demand)
         }
+    }
+
+    /// The same trace with another overlap of consecutive requests at the activator.
+    pub fn with_overlap(mut self, overlap: Duration) -> Self {
+        self.overlap = overlap;
+        self
     }
 
     /// The same trace with another replica startup time.
@@ -199,11 +252,15 @@ impl Timeline {
     }
 }
 
+/// Spreads the ticks whose snapshot catches an overlap evenly over the run.
+const GOLDEN_RATIO: f64 = 1.618_033_988_749_895;
+
 /// Runs `cfg` against `trace`, one decision per simulated second, starting at zero
 /// replicas (or `min`).
 pub fn run(cfg: &ScaleConfig, trace: &Trace) -> Timeline {
     let per_replica = Decider::per_replica(cfg);
     let latency = trace.latency.as_secs_f64().max(1e-3);
+    let overlap = trace.overlap.as_secs_f64() / latency;
     let startup = trace.startup.as_secs().min(u64::from(u32::MAX)) as u32;
     // Base instant only anchors the arithmetic; no clock is read after this.
     let base = Instant::now();
@@ -226,13 +283,18 @@ pub fn run(cfg: &ScaleConfig, trace: &Trace) -> Timeline {
         }
         let at = second + 1;
         let ready = pods.iter().filter(|r| **r <= at).count() as u32;
-        let live = concurrency.round() as u64;
+        // The activator's view: each request counted `overlap` longer, and a snapshot
+        // that falls into an overlap (in `concurrency x overlap` of the ticks, spread
+        // evenly by the golden-ratio sequence, no randomness) sees one request twice.
+        let measured = concurrency * (1.0 + overlap);
+        let caught = (f64::from(at) * GOLDEN_RATIO).fract() < concurrency * overlap;
+        let live = concurrency.round() as u64 + u64::from(caught);
         let (in_flight, queued) = if ready == 0 { (0, live) } else { (live, 0) };
         let obs = Observation {
             current: desired,
             ready,
             load: Load {
-                concurrency,
+                concurrency: measured,
                 rps,
                 in_flight,
                 queued,
