@@ -25,15 +25,17 @@
 //! 3. **Hysteresis.** A load sitting at a replica boundary holds the count still; the
 //!    three rules below each remove one way it could flap (issue 12: one client at
 //!    `target: 1` went 1 -> 2 -> 1 every few seconds).
-//!    - *Tolerance band.* Outside panic a scale-up needs the stable demand above the
-//!      current count by more than [`TOLERANCE`] (10%, the HPA's default):
-//!      `stable / per_replica > current x 1.1`; a scale-down needs it to fit in the
-//!      lower count. Any stable demand in `(current - 1, current x 1.1]` keeps `current`:
-//!      a load exactly at the target that the activator measures a hair above it (it
-//!      counts each request a few ms past the replica's answer), or one jittering
-//!      ±5% around it, neither adds a replica for the hair nor sheds one for the dip.
-//!      Past the band the count goes to `stable_pods` in full, so a step still gets
-//!      everything it needs at once.
+//!    - *Tolerance band.* Outside panic a scale-up needs, besides `stable_pods >
+//!      current`, the stable or the panic window's demand more than [`TOLERANCE`]
+//!      (10%, the HPA's default) over the current capacity: above `current x 1.1`
+//!      replicas' worth. A scale-down needs the demand to fit the lower count, as
+//!      before. A demand that stays in `(current - 1, current x 1.1]`, stable and
+//!      recent, keeps `current`: a load exactly at the target that the activator
+//!      measures a hair above it (it counts each request a few ms past the replica's
+//!      answer), or one jittering ±5% around it, neither adds a replica for the hair
+//!      nor sheds one for the dip. A rising load leaves the band in the panic window
+//!      long before its stable mean crosses the boundary, so it scales up about as early
+//!      as without the band, and then to `stable_pods` in full.
 //!    - *Snapshot margin.* The requests in flight and queued right now enter panic
 //!      (and keep it) only if one request fewer would still reach the threshold. A
 //!      snapshot can catch a closed-loop client twice (its next request arrives while
@@ -275,11 +277,13 @@ impl Decider {
         let bound = |pods: u32| pods.clamp(max_down, max_up.max(max_down));
         let stable_demand = stable / per_replica;
         let fit = ceil_pods(stable_demand);
-        // 3. Hysteresis, tolerance band: no scale-up for a demand within 10% over the
-        // current capacity.
+        // 3. Hysteresis, tolerance band: no scale-up while the demand, stable and recent,
+        // is within 10% over the current capacity.
+        let band_top = f64::from(obs.current) * (1.0 + TOLERANCE);
         let in_band = fit > obs.current
             && obs.current > 0
-            && stable_demand <= f64::from(obs.current) * (1.0 + TOLERANCE);
+            && stable_demand <= band_top
+            && panic_avg / per_replica <= band_top;
         let stable_pods = bound(if in_band { obs.current } else { fit });
         let panic_pods = bound(ceil_pods(panic_load / per_replica));
 
@@ -584,6 +588,13 @@ mod tests {
             assert_eq!(d.desired, want, "{demand} at {current}: {}", d.reason);
             assert!(!d.panic, "{demand} at {current}: {}", d.reason);
         }
+        // A rising load is past the band in the panic window (the last second here)
+        // before its stable mean is: it gets the replica as soon as ceil says so.
+        let mut run = Run::new(cfg.clone(), 4);
+        run.steady(4.0, 10);
+        let d = run.step(busy(5.2));
+        assert_eq!(d.desired, 5, "stable 4.2, last second 5.2: {}", d.reason);
+
         let mut run = Run::new(boundary(), 1);
         let d = run.steady(1.05, 10);
         assert!(
