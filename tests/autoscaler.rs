@@ -248,7 +248,7 @@ fn a_load_at_a_replica_boundary_holds_a_constant_count() {
     let boundary = "{target: 1, utilization: 100, window: 6s}";
     let cases = [
         Hold {
-            name: "one client at target 1 (measured 1% over, 2 in flight now and then)",
+            name: "one client at target 1, sometimes measured a hair over",
             scale: boundary,
             trace: Trace::one_client("one client", 600),
             from: 6,
@@ -256,9 +256,18 @@ fn a_load_at_a_replica_boundary_holds_a_constant_count() {
             changes: 1,
         },
         Hold {
-            name: "one client, 20 ms overlap: measured 10% over, 2 in flight in 1 of 10 ticks",
+            name: "one client, every request 2 ms over: 1.01 in flight, 2 in 1 of 100 ticks",
             scale: boundary,
-            trace: Trace::one_client("one client", 600).with_overlap(Duration::from_millis(20)),
+            trace: Trace::one_client("one client", 600).with_overlap(Duration::from_millis(2), 1.0),
+            from: 6,
+            count: 1,
+            changes: 1,
+        },
+        Hold {
+            name: "one client, every request 20 ms over: 10% over, 2 in flight in 1 of 10 ticks",
+            scale: boundary,
+            trace: Trace::one_client("one client", 600)
+                .with_overlap(Duration::from_millis(20), 1.0),
             from: 6,
             count: 1,
             changes: 1,
@@ -292,7 +301,7 @@ fn a_load_at_a_replica_boundary_holds_a_constant_count() {
             name: "8 in flight ±5%, overlapping requests",
             scale: boundary,
             trace: Trace::concurrency("jitter", jitter(8.0, 600, 3))
-                .with_overlap(Duration::from_millis(2)),
+                .with_overlap(Duration::from_millis(2), 1.0),
             // Measured 2% over 8: 9 until the stable mean first dips to 8.
             from: 60,
             count: 8,

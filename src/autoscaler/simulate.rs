@@ -62,11 +62,14 @@ pub struct Trace {
     /// Time a request takes, to convert between concurrency and rps (Little's law).
     pub latency: Duration,
     /// How long the activator keeps counting a request after the replica answered, while
-    /// the closed-loop client's next one is already in flight (zero: no overlap). The
-    /// activator then measures `demand x (1 + overlap / latency)` concurrent requests,
-    /// a hair above the true demand, and a snapshot of the requests in flight catches
-    /// one twice in `demand x overlap / latency` of the ticks.
+    /// the closed-loop client's next one is already in flight (zero: no overlap). Each
+    /// such request adds `overlap` of concurrency to its second's measurement, a hair
+    /// above the true demand, and a snapshot of the requests in flight taken during an
+    /// overlap counts a request twice.
     pub overlap: Duration,
+    /// The fraction of requests that overlap their successor that way (1: every one,
+    /// the activator then measures `demand x (1 + overlap / latency)`).
+    pub overlapping: f64,
 }
 
 impl Trace {
@@ -79,18 +82,22 @@ impl Trace {
             startup: Duration::from_secs(2),
             latency: Duration::from_millis(100),
             overlap: Duration::ZERO,
+            overlapping: 1.0,
         }
     }
 
     /// One closed-loop client sending 200 ms requests back to back, `seconds` long after
     /// 5 s of quiet, as the activator's counters report it: exactly one request in
-    /// flight, measured 1% over (each request is counted 2 ms past the replica's
-    /// answer) with a snapshot now and then that sees 2 in flight. Sits exactly at the
-    /// target of [`boundary_scale_config`].
+    /// flight, sometimes a hair over. One request in 50 is still counted 5 ms after the
+    /// replica answered when the client's next one arrives: 1.005 in flight in about
+    /// one second in ten, 1.0 in the others, and 2 in flight for a tick's snapshot that
+    /// falls into such an overlap. Sits exactly at the target of
+    /// [`boundary_scale_config`]; the previous decider flapped on it (issue 12).
     pub fn one_client(name: &str, seconds: usize) -> Self {
         Self {
             latency: Duration::from_millis(200),
-            overlap: Duration::from_millis(2),
+            overlap: Duration::from_millis(5),
+            overlapping: 0.02,
             ..Self::concurrency(
                 name,
                 [Self::constant(0.0, 5), Self::constant(1.0, seconds)].concat(),
@@ -106,9 +113,11 @@ impl Trace {
         }
     }
 
-    /// The same trace with another overlap of consecutive requests at the activator.
-    pub fn with_overlap(mut self, overlap: Duration) -> Self {
+    /// The same trace with another overlap of consecutive requests at the activator,
+    /// and the fraction of requests that overlap.
+    pub fn with_overlap(mut self, overlap: Duration, overlapping: f64) -> Self {
         self.overlap = overlap;
+        self.overlapping = overlapping;
         self
     }
 
@@ -252,15 +261,19 @@ impl Timeline {
     }
 }
 
-/// Spreads the ticks whose snapshot catches an overlap evenly over the run.
+/// Spreads the overlapping requests evenly over the run, without randomness.
 const GOLDEN_RATIO: f64 = 1.618_033_988_749_895;
+/// Likewise the ticks whose snapshot falls into an overlap, independent of the above.
+const SILVER_RATIO: f64 = 2.414_213_562_373_095;
 
 /// Runs `cfg` against `trace`, one decision per simulated second, starting at zero
 /// replicas (or `min`).
 pub fn run(cfg: &ScaleConfig, trace: &Trace) -> Timeline {
     let per_replica = Decider::per_replica(cfg);
     let latency = trace.latency.as_secs_f64().max(1e-3);
-    let overlap = trace.overlap.as_secs_f64() / latency;
+    let overlap = trace.overlap.as_secs_f64();
+    // Requests started so far (fractional), to number them.
+    let mut started = 0.0_f64;
     let startup = trace.startup.as_secs().min(u64::from(u32::MAX)) as u32;
     // Base instant only anchors the arithmetic; no clock is read after this.
     let base = Instant::now();
@@ -283,11 +296,18 @@ pub fn run(cfg: &ScaleConfig, trace: &Trace) -> Timeline {
         }
         let at = second + 1;
         let ready = pods.iter().filter(|r| **r <= at).count() as u32;
-        // The activator's view: each request counted `overlap` longer, and a snapshot
-        // that falls into an overlap (in `concurrency x overlap` of the ticks, spread
-        // evenly by the golden-ratio sequence, no randomness) sees one request twice.
-        let measured = concurrency * (1.0 + overlap);
-        let caught = (f64::from(at) * GOLDEN_RATIO).fract() < concurrency * overlap;
+        // The activator's view: the overlapping requests of this second (every one
+        // whose number n has frac(n x golden ratio) < overlapping) each add `overlap`
+        // to its concurrency, and a snapshot that falls into one of them (that share
+        // of the ticks) sees one request twice.
+        let first = started.floor() as u64;
+        started += rps;
+        let overlapping = (first..started.floor() as u64)
+            .filter(|n| (*n as f64 * GOLDEN_RATIO).fract() < trace.overlapping)
+            .count();
+        let share = overlapping as f64 * overlap;
+        let measured = concurrency + share;
+        let caught = (f64::from(at) * SILVER_RATIO).fract() < share;
         let live = concurrency.round() as u64 + u64::from(caught);
         let (in_flight, queued) = if ready == 0 { (0, live) } else { (live, 0) };
         let obs = Observation {
