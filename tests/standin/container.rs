@@ -265,6 +265,7 @@ pub async fn supervise(
     let name = container.name.clone();
     let image_name = container.image.clone().unwrap_or_default();
     let set = |f: &dyn Fn(&mut ContainerRun)| shared.update_container(which, f);
+    let mut instances = 0;
 
     loop {
         if *control.borrow() != Control::Run {
@@ -321,6 +322,11 @@ pub async fn supervise(
             "Pulled",
             format!("Container image \"{image_name}\" already present on machine"),
         );
+        // The kubelet's restartCount is the number of earlier instances of the container,
+        // recorded when a new one is created: a crash-looping container shows the count of
+        // the instance that just exited until the next one starts.
+        instances += 1;
+        set(&|c| c.restart_count = instances - 1);
         let container_id = format!(
             "standin://{}-{name}-{}",
             shared.uid,
@@ -350,7 +356,6 @@ pub async fn supervise(
                 }
                 let delay = restarts.restart_delay(Instant::now());
                 set(&|c| {
-                    c.restart_count += 1;
                     c.last = Some(exit.clone());
                     c.state = RunState::waiting(&failure.reason, Some(failure.message.clone()));
                     c.container_id = Some(container_id.clone());
@@ -406,7 +411,6 @@ pub async fn supervise(
             shared.display
         );
         set(&|c| {
-            c.restart_count += 1;
             c.last = Some(exit.clone());
             c.ready = false;
             c.started = false;

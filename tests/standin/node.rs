@@ -168,10 +168,15 @@ pub async fn register(ctx: &Ctx) -> Result<Timestamp, kube::Error> {
         &Patch::Merge(&status),
     )
     .await?;
-    let node = api.get(&ctx.node_name).await?;
-    if let Some(taints) = without_stale_taints(&node) {
+    // The node-lifecycle controller edits the taints too: retry on conflicts. It lifts
+    // them itself once it sees the node Ready, so giving up is harmless.
+    let mut node = api.get(&ctx.node_name).await?;
+    for _ in 0..5 {
+        let Some(taints) = without_stale_taints(&node) else {
+            break;
+        };
         let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}});
-        if let Err(e) = api
+        match api
             .patch(
                 &ctx.node_name,
                 &PatchParams::default(),
@@ -179,8 +184,12 @@ pub async fn register(ctx: &Ctx) -> Result<Timestamp, kube::Error> {
             )
             .await
         {
-            // The node-lifecycle controller lifts them itself once it sees the node Ready.
-            warn!(error = %e, "removing stale taints");
+            Ok(patched) => node = patched,
+            Err(kube::Error::Api(e)) if e.code == 409 => node = api.get(&ctx.node_name).await?,
+            Err(e) => {
+                warn!(error = %e, "removing stale taints");
+                break;
+            }
         }
     }
     renew_lease(ctx, &node).await?;

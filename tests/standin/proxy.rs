@@ -1,4 +1,5 @@
 //! A minimal userspace kube-proxy: every Service ClusterIP goes on a host dummy interface
+//! (a portless bridge where the kernel has no dummy driver)
 //! and the stand-in listens on ClusterIP:port for each TCP port. A connection is spliced
 //! to an endpoint of the Service's EndpointSlices (the port with the Service port's name),
 //! chosen round-robin among the ready ones, or among the serving-and-terminating ones when
@@ -150,7 +151,12 @@ impl Proxy {
         slices: Store<EndpointSlice>,
     ) -> Result<Self, crate::net::NetError> {
         let _ = ip(&["link", "del", iface], None).await;
-        ip(&["link", "add", iface, "type", "dummy"], None).await?;
+        // A kernel without the dummy driver: a bridge without ports holds local
+        // addresses just the same.
+        if let Err(e) = ip(&["link", "add", iface, "type", "dummy"], None).await {
+            warn!(error = %e, "no dummy interfaces here, using a portless bridge");
+            ip(&["link", "add", iface, "type", "bridge"], None).await?;
+        }
         ip(&["link", "set", iface, "up"], None).await?;
         Ok(Self {
             iface: iface.into(),

@@ -94,7 +94,7 @@ async fn bind(ctx: &Ctx, pod: &Pod) {
         {
             Ok(_) => {
                 debug!(pod = %name, %namespace, "bound");
-                ctx.event(
+                ctx.scheduler_event(
                     pod,
                     EventType::Normal,
                     "Scheduled",

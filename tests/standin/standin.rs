@@ -106,7 +106,9 @@ pub struct Ctx {
     pub echo_logs: bool,
     /// Every Service, for the variables the kubelet injects into containers.
     pub services: Store<Service>,
+    /// Events from the node ("kubelet") and from the binding ("default-scheduler").
     pub recorder: Recorder,
+    pub scheduler_recorder: Recorder,
     /// The API server's `gitVersion`, reported as the kubelet version.
     pub git_version: String,
     /// `major.minor`, for the probes' `kube-probe/` User-Agent.
@@ -118,21 +120,29 @@ pub struct Ctx {
 impl Ctx {
     /// Publishes an Event about `pod` in the background.
     pub fn event(&self, pod: &Pod, type_: EventType, reason: &str, note: String) {
-        let recorder = self.recorder.clone();
-        let reference = pod::reference(pod);
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: reason.into(),
-            secondary: None,
-        };
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::debug!(error = %e, "publishing an event");
-            }
-        });
+        publish(self.recorder.clone(), pod, type_, reason, note);
     }
+
+    /// An Event of the scheduler's.
+    pub fn scheduler_event(&self, pod: &Pod, type_: EventType, reason: &str, note: String) {
+        publish(self.scheduler_recorder.clone(), pod, type_, reason, note);
+    }
+}
+
+fn publish(recorder: Recorder, pod: &Pod, type_: EventType, reason: &str, note: String) {
+    let reference = pod::reference(pod);
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::debug!(error = %e, "publishing an event");
+        }
+    });
 }
 
 fn main() -> ExitCode {
@@ -241,6 +251,13 @@ async fn run(args: Args) -> Result<(), String> {
             Reporter {
                 controller: "kubelet".into(),
                 instance: Some(args.node_name.clone()),
+            },
+        ),
+        scheduler_recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "default-scheduler".into(),
+                instance: None,
             },
         ),
         git_version: info.git_version.clone(),
