@@ -333,7 +333,7 @@ pub async fn supervise(
             CONTAINER_SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let started_at = Timestamp::now();
-        let child = match start(&shared, &setup, &name, &prepared).await {
+        let child = match start(&shared, &name, &prepared).await {
             Ok(child) => child,
             Err(failure) => {
                 let exit = Exit {
@@ -511,8 +511,11 @@ async fn prepare(
     )?;
     for b in &binds {
         // A subPath that does not exist yet is created in the volume, as the kubelet does.
-        if !b.source.exists() && b.source.starts_with(&shared.dir) {
-            std::fs::create_dir_all(&b.source)
+        if b.source.starts_with(&shared.dir)
+            && !tokio::fs::try_exists(&b.source).await.unwrap_or(false)
+        {
+            tokio::fs::create_dir_all(&b.source)
+                .await
                 .map_err(|e| format!("subPath {}: {e}", b.source.display()))?;
         }
     }
@@ -602,22 +605,19 @@ async fn spawn_helper(
     }))
 }
 
-async fn start(
-    shared: &PodShared,
-    _setup: &PodSetup,
-    name: &str,
-    prepared: &Prepared,
-) -> Result<Child, Failure> {
+async fn start(shared: &PodShared, name: &str, prepared: &Prepared) -> Result<Child, Failure> {
     let create = |e: std::io::Error| Failure {
         reason: "CreateContainerError".into(),
         message: e.to_string(),
     };
     let dir = shared.container_dir(name);
-    std::fs::create_dir_all(dir.join("fs")).map_err(create)?;
+    tokio::fs::create_dir_all(dir.join("fs"))
+        .await
+        .map_err(create)?;
     let spec_path = dir.join("sandbox.json");
     let json =
         serde_json::to_vec(&prepared.sandbox).map_err(|e| create(std::io::Error::other(e)))?;
-    std::fs::write(&spec_path, json).map_err(create)?;
+    tokio::fs::write(&spec_path, json).await.map_err(create)?;
     let mut child = spawn_helper(
         shared.ctx.parent_pid,
         vec![SANDBOX_MODE.into(), spec_path.into_os_string()],
@@ -667,7 +667,9 @@ impl Exec for ContainerExec {
         let (pid, parent) = (self.pid, self.parent);
         Box::pin(async move {
             let json = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
-            std::fs::write(&path, json).map_err(|e| e.to_string())?;
+            tokio::fs::write(&path, json)
+                .await
+                .map_err(|e| e.to_string())?;
             let spawned = spawn_helper(
                 parent,
                 vec![
@@ -679,7 +681,7 @@ impl Exec for ContainerExec {
                 Stdio::null(),
             )
             .await;
-            let _ = std::fs::remove_file(&path);
+            let _ = tokio::fs::remove_file(&path).await;
             let mut child = spawned.map_err(|f| f.message)?;
             match timeout(limit, child.wait()).await {
                 Ok(Ok(status)) => Ok(status.code().unwrap_or(128)),

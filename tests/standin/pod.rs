@@ -325,7 +325,6 @@ fn end_before_start(step: Step) -> End {
 }
 
 async fn lifecycle(shared: &Arc<PodShared>, events: &mut watch::Receiver<PodEvent>) -> End {
-    let ctx = shared.ctx.clone();
     let pod = shared.pod();
     let host_network = pod
         .spec
@@ -428,12 +427,10 @@ async fn lifecycle(shared: &Arc<PodShared>, events: &mut watch::Receiver<PodEven
             rx,
         ));
     }
-    let end = match drive(shared, events, &controls, &mut set).await {
+    match drive(shared, events, &controls, &mut set).await {
         Driven::AllDone(_) => End::Finished,
         Driven::Ended(end) => end,
-    };
-    drop(ctx);
-    end
+    }
 }
 
 enum Driven {
@@ -574,13 +571,13 @@ async fn setup_volumes(
         let (token, expiry) = volumes::request_token(&ctx.client, &pod, &file)
             .await
             .map_err(|e| format!("requesting a ServiceAccount token: {e}"))?;
-        volumes::write_file(
-            &volumes::volume_dir(&dir, &file.volume),
-            &file.path,
-            token.as_bytes(),
-            file.mode,
+        volumes::write_token(
+            volumes::volume_dir(&dir, &file.volume),
+            &file,
+            token,
             fs_group,
         )
+        .await
         .map_err(|e| format!("writing the token: {e}"))?;
         fresh.push((file, expiry));
     }
@@ -613,9 +610,7 @@ async fn refresh_token(
         match volumes::request_token(&shared.ctx.client, &pod, &file).await {
             Ok((token, new_expiry)) => {
                 let target = volumes::volume_dir(&dir, &file.volume);
-                if let Err(e) =
-                    volumes::write_file(&target, &file.path, token.as_bytes(), file.mode, fs_group)
-                {
+                if let Err(e) = volumes::write_token(target, &file, token, fs_group).await {
                     warn!(pod = %shared.display, error = %e, "writing a refreshed token");
                 }
                 expiry = new_expiry;

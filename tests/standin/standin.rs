@@ -30,6 +30,7 @@ mod volumes;
 
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -207,14 +208,17 @@ async fn run(args: Args) -> Result<(), String> {
         .next()
         .ok_or("the pod CIDR has no host addresses")?;
     let network = Network::new(&args.bridge, args.pod_cidr, gateway);
-    std::fs::create_dir_all(args.state_dir.join("pods"))
-        .map_err(|e| format!("{}: {e}", args.state_dir.display()))?;
+    // Pod directories hold Secrets and tokens: for root only. Containers see their
+    // volumes through bind mounts, which do not care about the directories above.
+    let pods_dir = args.state_dir.join("pods");
+    std::fs::create_dir_all(&pods_dir)
+        .and_then(|()| std::fs::set_permissions(&pods_dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| format!("{}: {e}", pods_dir.display()))?;
     // What a previous run left: sandboxes (its processes died with it) and pod dirs.
     let removed = network
         .cleanup_leftovers()
         .await
         .map_err(|e| e.to_string())?;
-    let pods_dir = args.state_dir.join("pods");
     if let Ok(entries) = std::fs::read_dir(&pods_dir) {
         for entry in entries.flatten() {
             let _ = std::fs::remove_dir_all(entry.path());

@@ -518,6 +518,19 @@ pub fn write_file(
     std::fs::rename(&tmp, &target)
 }
 
+/// Writes a token file off the async runtime.
+pub async fn write_token(
+    dir: PathBuf,
+    file: &TokenFile,
+    token: String,
+    fs_group: Option<u32>,
+) -> std::io::Result<()> {
+    let (path, mode) = (file.path.clone(), file.mode);
+    tokio::task::spawn_blocking(move || write_file(&dir, &path, token.as_bytes(), mode, fs_group))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 /// A token for the pod's ServiceAccount, bound to the pod. Returns the token and when it
 /// expires.
 pub async fn request_token(
