@@ -243,6 +243,33 @@ pub fn hosts_file(pod: &Pod, pod_ip: &str) -> String {
     s
 }
 
+/// The command line as a runtime builds it from the image and the container: `command`
+/// replaces the image's ENTRYPOINT and CMD, `args` replaces CMD. A mapped image's
+/// ENTRYPOINT is its binary; the available images (python, busybox, alpine) have none and
+/// the CMD of their real images.
+pub fn argv(
+    image: &str,
+    entrypoint: Option<&(PathBuf, String)>,
+    command: Vec<String>,
+    args: Vec<String>,
+) -> Result<Vec<String>, String> {
+    if !command.is_empty() {
+        return Ok(command.into_iter().chain(args).collect());
+    }
+    if let Some((_, image_path)) = entrypoint {
+        return Ok(std::iter::once(image_path.clone()).chain(args).collect());
+    }
+    if !args.is_empty() {
+        return Ok(args);
+    }
+    crate::images::default_cmd(image).ok_or_else(|| {
+        format!(
+            "image \"{image}\" has no entrypoint or command the stand-in node knows: set \
+             `command` (or map the image with --image)"
+        )
+    })
+}
+
 /// Supervises the container until its restart policy lets it end or the pod stops it.
 pub async fn supervise(
     shared: Arc<PodShared>,
@@ -488,20 +515,8 @@ async fn prepare(
     };
     let env = container_env(container, &facts, &sources, &services).map_err(|e| e.0)?;
     let (command, args) = command_line(container, &env);
-    let argv = if command.is_empty() {
-        match &image.entrypoint {
-            Some((_, image_path)) => std::iter::once(image_path.clone()).chain(args).collect(),
-            None => {
-                return Err(format!(
-                    "image \"{}\" has no entrypoint the stand-in node knows: set `command` \
-                     (or map the image with --image)",
-                    container.image.clone().unwrap_or_default()
-                ));
-            }
-        }
-    } else {
-        command.into_iter().chain(args).collect()
-    };
+    let image_name = container.image.clone().unwrap_or_default();
+    let argv = argv(&image_name, image.entrypoint.as_ref(), command, args)?;
     let binds = binds(
         container,
         &setup.volumes,
@@ -519,9 +534,21 @@ async fn prepare(
                 .map_err(|e| format!("subPath {}: {e}", b.source.display()))?;
         }
     }
+    // The pod's `hostname` field, else its name; host-network pods keep the node's.
+    let hostname = if setup.netns.is_some() {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.hostname.clone())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| shared.name.clone())
+    } else {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| shared.name.clone())
+    };
     let process = Process {
         argv,
-        env: process_env(&shared.name, identity.uid, &env),
+        env: process_env(&hostname, identity.uid, &env),
         working_dir: container.working_dir.clone().filter(|w| !w.is_empty()),
         identity,
     };
@@ -535,7 +562,7 @@ async fn prepare(
         sandbox: SandboxSpec {
             netns: setup.netns.clone(),
             fs_dir,
-            hostname: setup.netns.as_ref().map(|_| shared.name.clone()),
+            hostname: setup.netns.as_ref().map(|_| hostname.clone()),
             hosts: setup.hosts.clone(),
             binds,
             read_only_root,
@@ -1003,6 +1030,39 @@ mod tests {
         let env = process_env("web-1", 65532, &[]);
         assert!(env.contains(&("HOME".to_string(), "/".to_string())));
         assert!(env.contains(&("PATH".to_string(), DEFAULT_PATH.to_string())));
+    }
+
+    #[test]
+    fn command_lines_follow_entrypoint_and_cmd_rules() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let entry = (PathBuf::from("/b/zeroscale"), "/zeroscale".to_string());
+        assert_eq!(
+            argv(
+                "ghcr.io/zeroscale/zeroscale:1",
+                Some(&entry),
+                vec![],
+                v(&["operator"])
+            )
+            .unwrap(),
+            v(&["/zeroscale", "operator"])
+        );
+        assert_eq!(
+            argv("x", Some(&entry), v(&["sh", "-c"]), v(&["echo"])).unwrap(),
+            v(&["sh", "-c", "echo"])
+        );
+        assert_eq!(
+            argv("busybox", None, vec![], v(&["echo", "hi"])).unwrap(),
+            v(&["echo", "hi"])
+        );
+        assert_eq!(
+            argv("busybox:1.36", None, vec![], vec![]).unwrap(),
+            v(&["sh"])
+        );
+        assert_eq!(
+            argv("python:3.12-alpine", None, vec![], vec![]).unwrap(),
+            v(&["python3"])
+        );
+        assert!(argv("example/unknown", None, vec![], vec![]).is_err());
     }
 
     #[test]

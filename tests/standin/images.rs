@@ -97,6 +97,22 @@ impl Images {
     }
 }
 
+/// The CMD of the real images behind the default available ones (they have no
+/// ENTRYPOINT): what runs when a container sets neither `command` nor `args`.
+pub fn default_cmd(image: &str) -> Option<Vec<String>> {
+    let name = image.strip_prefix("docker.io/library/").unwrap_or(image);
+    let cmd = if matches(name, "python") {
+        "python3"
+    } else if matches(name, "busybox") {
+        "sh"
+    } else if matches(name, "alpine") {
+        "/bin/sh"
+    } else {
+        return None;
+    };
+    Some(vec![cmd.to_string()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
