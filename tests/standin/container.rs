@@ -4,6 +4,7 @@
 //! pod's restartPolicy with the CrashLoopBackOff back-off, and stop it on request
 //! (preStop, SIGTERM to its process group, SIGKILL at the deadline). Every change goes
 //! into the pod's [`PodRun`](crate::status::PodRun) model and wakes the status writer.
+//! Lifecycle hooks: postStart before probing begins, preStop before SIGTERM.
 
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
@@ -44,6 +45,8 @@ use crate::volumes::{
 const MIN_GRACE: Duration = Duration::from_secs(2);
 /// How long ErrImagePull shows before ImagePullBackOff (the kubelet's next pod sync).
 const PULL_ERROR_SHOWN: Duration = Duration::from_secs(1);
+/// Longest a postStart hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest wait for the sandbox helper to exec the container's command.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -797,6 +800,11 @@ async fn run_until_exit(
         .as_ref()
         .and_then(|l| l.pre_stop.as_ref())
         .and_then(|h| probe::parse_handler(h, container).ok());
+    let post_start = container
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.post_start.as_ref())
+        .and_then(|h| probe::parse_handler(h, container).ok());
     let pod_grace = Duration::from_secs(
         shared
             .pod()
@@ -829,11 +837,25 @@ async fn run_until_exit(
         }
     };
     let no_readiness = readiness.is_none();
-    match &startup {
-        Some(spec) => spawn_probe(&mut probes, Kind::Startup, spec),
-        None => start_main_probes(&mut probes),
+    let begin_probes = |probes: &mut JoinSet<()>| match &startup {
+        Some(spec) => spawn_probe(probes, Kind::Startup, spec),
+        None => start_main_probes(probes),
+    };
+    // A postStart hook runs first; probing starts when it succeeded, and its failure kills
+    // the container (the kubelet's FailedPostStartHook).
+    let (hook_tx, mut hook_done) = mpsc::unbounded_channel::<Result<(), String>>();
+    let has_hook = post_start.is_some();
+    match post_start {
+        Some(action) => {
+            let target = target.clone();
+            probes.spawn(async move {
+                let result = probe::run_action(&action, &target, HOOK_TIMEOUT).await;
+                let _ = hook_tx.send(result);
+            });
+        }
+        None => begin_probes(&mut probes),
     }
-    let started = startup.is_none();
+    let started = startup.is_none() && !has_hook;
     shared.update_container(which, &|c| {
         c.state = RunState::Running { started_at };
         c.container_id = Some(container_id.clone());
@@ -846,6 +868,29 @@ async fn run_until_exit(
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
+            Some(hook) = hook_done.recv() => match hook {
+                Ok(()) => {
+                    if startup.is_none() {
+                        shared.update_container(which, &|c| {
+                            c.started = true;
+                            c.ready = no_readiness;
+                        });
+                    }
+                    begin_probes(&mut probes);
+                }
+                Err(e) if killer.is_none() => {
+                    shared.event(
+                        EventType::Warning,
+                        "FailedPostStartHook",
+                        format!("PostStartHook failed for container {name}: {e}"),
+                    );
+                    killer = Some(tokio::spawn(kill_container(
+                        pid, None, target.clone(), Instant::now() + pod_grace,
+                        shared.clone(), name.clone(),
+                    )));
+                }
+                Err(_) => {}
+            },
             Some(report) = reports.recv() => {
                 if let Some(failure) = &report.failure {
                     shared.event(
