@@ -731,6 +731,119 @@ async fn load_is_spread_over_replicas() {
     assert!(a > 0 && b > 0, "{a} / {b}");
 }
 
+/// A replica being stopped calls the activator from its preStop hook (operator::build):
+/// the answer comes only once no activator routes new requests to it and the requests
+/// already on it have finished, so SIGTERM never cuts one of them.
+#[tokio::test]
+async fn a_drain_waits_until_the_stopping_replica_is_unrouted_and_idle() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("f", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    // The stopping replica on its own loopback address (drains go by IP).
+    let stopping_gate = Arc::new(Semaphore::new(0));
+    let stopping = {
+        let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = stopping_gate.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let gate = gate.clone();
+                        async move {
+                            gate.acquire().await.unwrap().forget();
+                            Ok::<_, Infallible>(Response::new(text("stopping")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    };
+    let staying = hello_backend("staying").await;
+
+    // A request in flight on the replica that is about to stop.
+    h.platform
+        .set_endpoints(&key("f"), vec![endpoint(stopping)]);
+    let held = tokio::spawn({
+        let req = h.request("f.default", "/").body(empty()).unwrap();
+        let client = h.client.clone();
+        async move { body_text(client.request(req).await.unwrap()).await }
+    });
+    eventually("the request to be in flight", || {
+        h.activator.endpoint_in_flight(stopping) == 1
+    })
+    .await;
+    h.platform
+        .set_endpoints(&key("f"), vec![endpoint(stopping), endpoint(staying)]);
+
+    // Its pod is deleted: the kubelet calls the drain hook at the activator Service's IP.
+    h.platform
+        .set_stopping(&key("f"), vec!["127.0.0.2".parse().unwrap()]);
+    let drain = tokio::spawn({
+        let req = h
+            .request("10.96.0.20", "/.zeroscale/drain/default/f")
+            .body(empty())
+            .unwrap();
+        let client = h.client.clone();
+        async move {
+            let resp = client.request(req).await.unwrap();
+            (resp.status(), body_text(resp).await)
+        }
+    });
+    tokio::pin!(drain);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut drain)
+            .await
+            .is_err(),
+        "still routed: the drain must wait"
+    );
+
+    // The endpoints catch up: new requests go to the other replica only...
+    h.platform.set_endpoints(&key("f"), vec![endpoint(staying)]);
+    for _ in 0..5 {
+        assert_eq!(body_text(h.get("f.default").await).await, "staying");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut drain)
+            .await
+            .is_err(),
+        "a request is still in flight: the drain must wait"
+    );
+    // ...and once the held request is answered, the drain is.
+    stopping_gate.add_permits(1);
+    assert_eq!(held.await.unwrap(), "stopping");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the drain answers once the replica is idle")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "drained");
+
+    // A drain with nothing stopping answers at once; the path is not a Function's.
+    h.platform.set_stopping(&key("f"), vec![]);
+    let resp = h
+        .send(
+            h.request("10.96.0.20", "/.zeroscale/drain/default/f")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(body_text(resp).await, "nothing to drain");
+    let resp = h
+        .send(
+            h.request("f.default", "/.zeroscale/drain/default/f")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(body_text(resp).await, "staying", "a Function's own path");
+}
+
 #[tokio::test]
 async fn a_replica_dying_mid_response_cuts_that_response_only() {
     let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, BoxError>>();

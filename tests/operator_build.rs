@@ -35,6 +35,10 @@ fn config(f: &Function) -> FunctionConfig {
 
 fn activators() -> ActivatorEndpoints {
     ActivatorEndpoints {
+        drain: Some(build::DrainHook {
+            host: "10.96.0.20".into(),
+            port: 80,
+        }),
         port: 8080,
         address_type: "IPv4".into(),
         endpoints: vec![
@@ -229,6 +233,124 @@ fn public_service_has_no_selector_and_answers_on_port_80() {
     );
 }
 
+fn pod_spec(d: &Deployment) -> &k8s_openapi::api::core::v1::PodSpec {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("a pod spec")
+}
+
+/// A replica being stopped (scale-down, rollout, deletion) asks the activators to drain
+/// it first: its preStop calls the activator Service, and the grace period covers the
+/// longest request the Function allows on top of the app's own shutdown time.
+#[test]
+fn the_serving_container_drains_through_the_activators_before_it_stops() {
+    let f = hello();
+    let d = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators()))
+        .unwrap()
+        .deployment;
+    let spec = pod_spec(&d);
+    let hook = spec.containers[0]
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|p| p.http_get.as_ref())
+        .expect("a preStop httpGet");
+    assert_eq!(hook.host.as_deref(), Some("10.96.0.20"));
+    assert_eq!(hook.port, IntOrString::Int(80));
+    assert_eq!(
+        hook.path.as_deref(),
+        Some("/.zeroscale/drain/default/hello")
+    );
+    // 30 s (Kubernetes' default) for the app, plus timeouts.request (300 s by default).
+    assert_eq!(spec.termination_grace_period_seconds, Some(330));
+
+    // The user's own grace period and request timeout are what it adds up from.
+    let mut f = hello();
+    f.spec.template.0["spec"]["terminationGracePeriodSeconds"] = serde_json::json!(5);
+    f.spec.timeouts = Some(zeroscale::api::TimeoutsSpec {
+        activation: None,
+        request: Some("20s".into()),
+    });
+    let d = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators()))
+        .unwrap()
+        .deployment;
+    assert_eq!(pod_spec(&d).termination_grace_period_seconds, Some(25));
+}
+
+#[test]
+fn a_preexisting_pre_stop_is_kept_and_no_activator_address_means_no_hook() {
+    let mut f = hello();
+    f.spec.template.0["spec"]["containers"][0]["lifecycle"] =
+        serde_json::json!({"preStop": {"exec": {"command": ["/bin/drain"]}}});
+    let d = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators()))
+        .unwrap()
+        .deployment;
+    let pre_stop = pod_spec(&d).containers[0]
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .expect("the user's preStop");
+    assert!(pre_stop.http_get.is_none() && pre_stop.exec.is_some());
+    assert_eq!(pod_spec(&d).termination_grace_period_seconds, None);
+
+    let f = hello();
+    let mut no_address = activators();
+    no_address.drain = None;
+    let d = build::build(&f, &config(&f), Replicas::Create(0), Some(&no_address))
+        .unwrap()
+        .deployment;
+    assert!(pod_spec(&d).containers[0].lifecycle.is_none());
+}
+
+/// The API server refuses an object with a label value it can't carry (the first landing's
+/// `managed-by: zeroscale.dev/operator` made every Function unroutable on a cluster).
+#[test]
+fn every_label_and_annotation_of_every_object_is_one_the_api_server_accepts() {
+    use kube::Resource;
+    let mut f = hello();
+    // The longest name a Function may have: its labels carry it.
+    let longest = format!("f{}", "o".repeat(build::MAX_NAME_LEN - 1));
+    f.metadata.name = Some(longest.clone());
+    let desired = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators())).unwrap();
+    let template = desired
+        .deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.clone())
+        .expect("template metadata");
+    let metas: Vec<(&str, &ObjectMeta)> = vec![
+        ("Deployment", desired.deployment.meta()),
+        ("pod template", &template),
+        ("private Service", desired.private_service.meta()),
+        ("public Service", desired.public_service.meta()),
+        (
+            "activator EndpointSlice",
+            desired.activator_slice.as_ref().expect("a slice").meta(),
+        ),
+    ];
+    for (what, meta) in metas {
+        for (k, v) in meta.labels.iter().flatten() {
+            assert!(build::is_label_key(k), "{what}: label key {k:?}");
+            assert!(build::is_label_value(v), "{what}: label {k}={v:?}");
+        }
+        for k in meta.annotations.iter().flatten().map(|(k, _)| k) {
+            assert!(build::is_label_key(k), "{what}: annotation key {k:?}");
+        }
+    }
+    for bad in ["zeroscale.dev/operator", "-a", "a-", &"x".repeat(64)] {
+        assert!(!build::is_label_value(bad), "{bad:?} must be refused");
+    }
+    for good in [
+        "",
+        "operator.zeroscale.dev",
+        "endpointslice-controller.k8s.io",
+        "A_b-1",
+    ] {
+        assert!(build::is_label_value(good), "{good:?} must be accepted");
+    }
+}
+
 #[test]
 fn activator_slice_points_the_public_service_at_the_activators() {
     let f = hello();
@@ -244,7 +366,12 @@ fn activator_slice_points_the_public_service_at_the_activators() {
     assert_eq!(
         l.get("endpointslice.kubernetes.io/managed-by")
             .map(String::as_str),
-        Some("zeroscale.dev/operator")
+        Some(build::SLICE_MANAGER)
+    );
+    assert_ne!(
+        build::SLICE_MANAGER,
+        "endpointslice-controller.k8s.io",
+        "the built-in controller would delete a slice that claims to be its own"
     );
     assert_ne!(
         l.get("zeroscale.dev/service").map(String::as_str),

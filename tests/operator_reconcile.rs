@@ -80,6 +80,7 @@ fn hello() -> Function {
 
 fn activators(ips: &[&str]) -> ActivatorEndpoints {
     ActivatorEndpoints {
+        drain: None,
         port: 8080,
         address_type: "IPv4".into(),
         endpoints: ips

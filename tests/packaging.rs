@@ -393,7 +393,7 @@ fn expected_grants(rules: &[Rule], watched: &[String]) -> BTreeSet<Grant> {
         };
         for place in places {
             for resource in rule.resources {
-                for verb in rule.verbs {
+                for verb in rule.verbs() {
                     out.insert((
                         place.clone(),
                         rule.api_group.to_owned(),

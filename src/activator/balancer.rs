@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use rand::Rng;
 
@@ -16,6 +16,8 @@ use super::pool::IdleConns;
 pub(crate) struct Replica {
     pub(crate) addr: SocketAddr,
     in_flight: AtomicU64,
+    /// How many Functions' ready sets list it (0: new requests never go to it).
+    routed: AtomicU32,
     /// Keep-alive connections to it.
     pub(crate) idle: IdleConns,
 }
@@ -25,12 +27,29 @@ impl Replica {
         Arc::new(Self {
             addr,
             in_flight: AtomicU64::new(0),
+            routed: AtomicU32::new(0),
             idle: IdleConns::default(),
         })
     }
 
     pub(crate) fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether some Function's ready set lists it.
+    pub(crate) fn is_routed(&self) -> bool {
+        self.routed.load(Ordering::Acquire) > 0
+    }
+
+    /// Counts it into (`true`) or out of a ready set.
+    pub(crate) fn set_routed(&self, routed: bool) {
+        if routed {
+            self.routed.fetch_add(1, Ordering::AcqRel);
+        } else {
+            let _ = self
+                .routed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
     }
 
     /// Takes a slot unless the replica is at `cap`.

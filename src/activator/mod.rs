@@ -15,8 +15,10 @@
 //! the wait for a replica's response head; a streamed body may then take longer.
 
 mod balancer;
+pub mod drain;
 mod error;
 mod gate;
+pub mod lameduck;
 mod pool;
 mod proxy;
 mod routing;
@@ -24,7 +26,7 @@ mod stats;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,6 +74,11 @@ pub struct Config {
     /// Namespace whose Functions to serve; empty for all namespaces.
     #[arg(long, env = "ZEROSCALE_NAMESPACE", default_value = "")]
     pub namespace: String,
+    /// The activator Service (`namespace/name`) whose ready pods are this activator's
+    /// peers: a replica's drain waits until none of them has a request in flight to it.
+    /// Empty: no peers (a single activator).
+    #[arg(long, env = "ZEROSCALE_ACTIVATOR_SERVICE", default_value = "")]
+    pub activator_service: String,
     /// This activator's name in its stats (the pod name); a random id when unset.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -84,6 +91,14 @@ pub struct Config {
     /// Time a client has to send its request head (e.g. `10s`).
     #[arg(long, env = "ZEROSCALE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
     pub header_read_timeout: Duration,
+    /// This pod's IP (`status.podIP`). With it, a stopping activator keeps serving new
+    /// connections until no Function's routing lists it any more (see `lameduck`).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// Longest a stopping activator keeps accepting connections while Functions' routing
+    /// still points at it (e.g. `5m`); the in-flight drain comes after.
+    #[arg(long, env = "ZEROSCALE_LAME_DUCK_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
+    pub lame_duck_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown (e.g. `30s`).
     #[arg(long, env = "ZEROSCALE_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
     pub drain_timeout: Duration,
@@ -125,9 +140,20 @@ pub async fn run(config: Config) -> crate::Result<()> {
     };
     let client = kube::Client::try_default().await?;
     let namespace = (!config.namespace.is_empty()).then(|| config.namespace.clone());
-    let platform = Arc::new(crate::platform::kube::KubePlatform::new(client, namespace));
+    let lame_duck = (client.clone(), namespace.clone());
+    let platform = Arc::new(crate::platform::kube::KubePlatform::new(
+        client.clone(),
+        namespace,
+    ));
     let registry = prometheus::Registry::new();
     let activator = Activator::new(platform, settings, &registry)?;
+    if !config.activator_service.is_empty() {
+        let (ns, name) = crate::operator::parse_service(&config.activator_service)
+            .map_err(|e| Error::Other(e.to_string()))?;
+        activator.set_drain_peers(Arc::new(
+            crate::platform::directory::ActivatorDirectory::new(client, ns, name),
+        ));
+    }
 
     let listener = telemetry::bind(config.listen, "traffic").await?;
     let admin = telemetry::bind(config.admin_listen, "admin").await?;
@@ -154,10 +180,24 @@ pub async fn run(config: Config) -> crate::Result<()> {
     }
     {
         let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
+        let (pod_ip, limit) = (config.pod_ip, config.lame_duck_timeout);
         tokio::spawn(async move {
             telemetry::shutdown_signal().await;
-            // Fail readiness first so endpoints stop sending, then stop accepting.
+            // Fail readiness first so endpoints stop sending, keep serving while routing
+            // still points here, then stop accepting and drain.
             readiness.set(false);
+            match pod_ip {
+                Some(ip) => {
+                    let (client, namespace) = lame_duck;
+                    tokio::select! {
+                        _ = lameduck::wait_until_unrouted(client, namespace.as_deref(), ip, limit) => {}
+                        _ = telemetry::shutdown_signal() => info!("second signal: stopping now"),
+                    }
+                }
+                None => warn!(
+                    "no --pod-ip: stopping without waiting for routing to drop this activator"
+                ),
+            }
             shutdown.cancel();
         });
     }
@@ -215,6 +255,8 @@ pub struct Activator {
     metrics: Metrics,
     /// Bit 0: Functions listed; bit 1: endpoints listed.
     synced: watch::Sender<u8>,
+    /// The other activators, for drains (none: this one's view is the whole view).
+    peers: OnceLock<Arc<dyn drain::DrainPeers>>,
 }
 
 impl Activator {
@@ -231,6 +273,7 @@ impl Activator {
             platform,
             metrics,
             synced: watch::Sender::new(0),
+            peers: OnceLock::new(),
         }))
     }
 
@@ -240,6 +283,12 @@ impl Activator {
 
     fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
         self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the activator where its peers are, so a drain waits for their requests too
+    /// (see [`drain`]). Set once; later calls are ignored.
+    pub fn set_drain_peers(&self, peers: Arc<dyn drain::DrainPeers>) {
+        let _ = self.peers.set(peers);
     }
 
     /// Resolves once the first full list of Functions and of endpoints is applied: from
@@ -403,10 +452,13 @@ impl Activator {
         self.table().endpoint_in_flight(addr)
     }
 
-    /// The `/stats` route for the admin endpoint.
+    /// The `/stats` and `/drain-status` routes for the admin endpoint.
     pub fn admin_route(self: &Arc<Self>) -> AdminRoute {
         let weak = Arc::downgrade(self);
         Arc::new(move |path: &str| {
+            if path.starts_with("/drain-status") {
+                return drain::status_route(&*weak.upgrade()?, path);
+            }
             if path != "/stats" && !path.starts_with("/stats?") {
                 return None;
             }

@@ -71,6 +71,9 @@ pub(crate) async fn handle(
     };
     let found = act.table().lookup(&host);
     let Some(fs) = found else {
+        if let Some(key) = super::drain::drain_request(&host, req.uri().path()) {
+            return super::drain::serve(act, key).await;
+        }
         return ProxyError::UnknownHost(host).into_response();
     };
     let traffic = fs.traffic(&act.metrics);

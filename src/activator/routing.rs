@@ -126,9 +126,18 @@ impl FunctionState {
 
     fn set_replicas(&self, replicas: Vec<Arc<Replica>>) {
         let replicas: Arc<[Arc<Replica>]> = Arc::from(replicas);
-        match self.replicas.write() {
-            Ok(mut r) => *r = replicas,
-            Err(p) => *p.into_inner() = replicas,
+        let before = {
+            let mut current = self
+                .replicas
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::replace(&mut *current, replicas.clone())
+        };
+        for r in replicas.iter() {
+            r.set_routed(true);
+        }
+        for r in before.iter() {
+            r.set_routed(false);
         }
         self.changed();
     }
@@ -138,6 +147,20 @@ impl FunctionState {
         if let Some(t) = self.traffic_if_any() {
             t.changed.notify_waiters();
         }
+    }
+}
+
+/// One activator's part of a drain: which of the stopping replicas it still routes new
+/// requests to, and how many of its requests are in flight to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct DrainStatus {
+    pub(crate) routed: Vec<std::net::IpAddr>,
+    pub(crate) in_flight: u64,
+}
+
+impl DrainStatus {
+    pub(crate) fn done(&self) -> bool {
+        self.routed.is_empty() && self.in_flight == 0
     }
 }
 
@@ -200,6 +223,23 @@ impl Table {
 
     pub(crate) fn states(&self) -> impl Iterator<Item = &Arc<FunctionState>> {
         self.functions.values().map(|e| &e.state)
+    }
+
+    /// Of the replicas at `ips` (any port): those some Function still routes new requests
+    /// to, and the requests in flight to any of them. A drain is done when both are none.
+    pub(crate) fn drain_status(&self, ips: &[std::net::IpAddr]) -> DrainStatus {
+        let mut status = DrainStatus::default();
+        for (addr, replica) in &self.replicas_by_addr {
+            if !ips.contains(&addr.ip()) {
+                continue;
+            }
+            let Some(r) = replica.upgrade() else { continue };
+            status.in_flight += r.in_flight();
+            if r.is_routed() && !status.routed.contains(&addr.ip()) {
+                status.routed.push(addr.ip());
+            }
+        }
+        status
     }
 
     pub(crate) fn endpoint_in_flight(&self, addr: SocketAddr) -> u64 {
@@ -266,6 +306,9 @@ impl Table {
         let e = self.functions.remove(&short_host(key))?;
         e.state.deleted.store(true, Ordering::Release);
         e.state.changed();
+        for r in e.state.replicas().iter() {
+            r.set_routed(false);
+        }
         // Its endpoints are still the platform's truth until it says otherwise.
         let eps: Vec<Endpoint> = e
             .state

@@ -5,12 +5,24 @@
 //! `kubectl apply -f crds/` (the last-applied annotation caps objects at 256 KiB). The
 //! schema checks the parts zeroscale relies on (containers with names, images, ports) and
 //! preserves the rest, which the API server checks when the Deployment is created.
+//!
+//! The CRD must install on the oldest Kubernetes zeroscale supports ([`OLDEST_KUBERNETES`]),
+//! whose API server decodes it strictly: a field that version does not know is refused,
+//! not ignored. So the CEL rules carry only `rule` and `message` (`messageExpression` is
+//! 1.27+, `reason` and `fieldPath` 1.28+), and each message names its field itself. Before
+//! 1.25, CEL is behind a feature gate; where it is off the API server drops the rules and
+//! the operator's runtime validation refuses the same things on the Function's status.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use schemars::{Schema, SchemaGenerator, json_schema};
 
 use super::Function;
+
+/// The oldest Kubernetes minor version zeroscale supports (and the e2e suite runs on).
+pub const OLDEST_KUBERNETES: &str = "1.24";
+/// The newest Kubernetes minor version zeroscale has been proven on.
+pub const NEWEST_KUBERNETES: &str = "1.36";
 
 /// The schema of `spec.template`.
 pub fn pod_template_schema(_: &mut SchemaGenerator) -> Schema {
@@ -218,6 +230,172 @@ mod tests {
         assert!(
             missing.is_empty(),
             "fields without a description: {missing:?}"
+        );
+    }
+
+    /// Every field name in the CRD, by where it sits, must be one the apiextensions.k8s.io/v1
+    /// API of [`OLDEST_KUBERNETES`] knows: its API server decodes strictly and refuses the
+    /// object otherwise (`fieldPath` and `reason` in a CEL rule were, before 1.28).
+    #[test]
+    fn crd_uses_only_fields_the_oldest_supported_api_server_knows() {
+        const CRD: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
+        const SPEC: &[&str] = &[
+            "group",
+            "names",
+            "scope",
+            "versions",
+            "conversion",
+            "preserveUnknownFields",
+        ];
+        const NAMES: &[&str] = &[
+            "plural",
+            "singular",
+            "shortNames",
+            "kind",
+            "listKind",
+            "categories",
+        ];
+        // `selectableFields` is 1.30+.
+        const VERSION: &[&str] = &[
+            "name",
+            "served",
+            "storage",
+            "deprecated",
+            "deprecationWarning",
+            "schema",
+            "subresources",
+            "additionalPrinterColumns",
+        ];
+        const COLUMN: &[&str] = &[
+            "name",
+            "type",
+            "format",
+            "description",
+            "priority",
+            "jsonPath",
+        ];
+        const SUBRESOURCES: &[&str] = &["status", "scale"];
+        const SCHEMA: &[&str] = &[
+            "id",
+            "$schema",
+            "$ref",
+            "description",
+            "type",
+            "format",
+            "title",
+            "default",
+            "maximum",
+            "exclusiveMaximum",
+            "minimum",
+            "exclusiveMinimum",
+            "maxLength",
+            "minLength",
+            "pattern",
+            "maxItems",
+            "minItems",
+            "uniqueItems",
+            "multipleOf",
+            "enum",
+            "maxProperties",
+            "minProperties",
+            "required",
+            "items",
+            "allOf",
+            "oneOf",
+            "anyOf",
+            "not",
+            "properties",
+            "additionalProperties",
+            "patternProperties",
+            "dependencies",
+            "additionalItems",
+            "definitions",
+            "externalDocs",
+            "example",
+            "nullable",
+            "x-kubernetes-preserve-unknown-fields",
+            "x-kubernetes-embedded-resource",
+            "x-kubernetes-int-or-string",
+            "x-kubernetes-list-map-keys",
+            "x-kubernetes-list-type",
+            "x-kubernetes-map-type",
+            "x-kubernetes-validations",
+        ];
+        // `messageExpression` is 1.27+, `reason` and `fieldPath` 1.28+, `optionalOldSelf` 1.29+.
+        const RULE: &[&str] = &["rule", "message"];
+
+        fn keys(v: &Value, allowed: &[&str], path: &str, out: &mut Vec<String>) {
+            for k in v.as_object().map(|o| o.keys()).into_iter().flatten() {
+                if !allowed.contains(&k.as_str()) {
+                    out.push(format!("{path}.{k}"));
+                }
+            }
+        }
+        fn schema(v: &Value, path: &str, out: &mut Vec<String>) {
+            keys(v, SCHEMA, path, out);
+            for (i, rule) in v["x-kubernetes-validations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                keys(
+                    rule,
+                    RULE,
+                    &format!("{path}.x-kubernetes-validations[{i}]"),
+                    out,
+                );
+            }
+            for (k, p) in v["properties"].as_object().into_iter().flatten() {
+                schema(p, &format!("{path}.properties.{k}"), out);
+            }
+            if v["items"].is_object() {
+                schema(&v["items"], &format!("{path}.items"), out);
+            }
+            if v["additionalProperties"].is_object() {
+                schema(
+                    &v["additionalProperties"],
+                    &format!("{path}.additionalProperties"),
+                    out,
+                );
+            }
+        }
+
+        let crd = serde_json::to_value(function_crd()).unwrap();
+        let mut unknown = vec![];
+        keys(&crd, CRD, "", &mut unknown);
+        keys(&crd["spec"], SPEC, ".spec", &mut unknown);
+        keys(&crd["spec"]["names"], NAMES, ".spec.names", &mut unknown);
+        for (i, v) in crd["spec"]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let here = format!(".spec.versions[{i}]");
+            keys(v, VERSION, &here, &mut unknown);
+            keys(&v["subresources"], SUBRESOURCES, &here, &mut unknown);
+            for c in v["additionalPrinterColumns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                keys(
+                    c,
+                    COLUMN,
+                    &format!("{here}.additionalPrinterColumns"),
+                    &mut unknown,
+                );
+            }
+            schema(
+                &v["schema"]["openAPIV3Schema"],
+                &format!("{here}.schema.openAPIV3Schema"),
+                &mut unknown,
+            );
+        }
+        assert!(
+            unknown.is_empty(),
+            "fields Kubernetes {OLDEST_KUBERNETES} refuses: {unknown:#?}"
         );
     }
 

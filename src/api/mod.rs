@@ -28,6 +28,11 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_ACTIVE: &str = "Active";
 /// Response header set on responses that waited for a wake from zero.
 pub const COLD_START_HEADER: &str = "x-zeroscale-cold-start";
+/// The path prefix of a replica's drain request to the activators:
+/// `/.zeroscale/drain/<namespace>/<name>`, sent by the kubelet as the replica's `preStop`
+/// hook (see `activator::drain`). It is only answered for a Host that no Function can
+/// have (an IP address, as the kubelet sends), so it never shadows a Function's path.
+pub const DRAIN_PATH_PREFIX: &str = "/.zeroscale/drain/";
 
 /// Reasons on the `Active` condition that mean the Function's replicas cannot start.
 /// The activator fails requests fast (503 with the message) while one of them is current.
@@ -149,9 +154,9 @@ pub enum MetricKind {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!has(self.min) || !has(self.max) || self.min <= self.max", "message": "scale.min must not exceed scale.max", "fieldPath": ".min", "reason": "FieldValueInvalid"},
-    {"rule": "!has(self.initial) || !has(self.max) || self.initial <= self.max", "message": "scale.initial must not exceed scale.max", "fieldPath": ".initial", "reason": "FieldValueInvalid"},
-    {"rule": "!has(self.initial) || !has(self.min) || self.initial >= self.min", "message": "scale.initial must be at least scale.min", "fieldPath": ".initial", "reason": "FieldValueInvalid"}
+    {"rule": "!has(self.min) || !has(self.max) || self.min <= self.max", "message": "scale.min must not exceed scale.max"},
+    {"rule": "!has(self.initial) || !has(self.max) || self.initial <= self.max", "message": "scale.initial must not exceed scale.max"},
+    {"rule": "!has(self.initial) || !has(self.min) || self.initial >= self.min", "message": "scale.initial must be at least scale.min"}
 ]))]
 pub struct ScaleSpec {
     /// Fewest replicas. 0 lets the Function scale to zero when idle. Default 0.

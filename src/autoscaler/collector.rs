@@ -7,22 +7,16 @@
 //! few seconds, and sums everything per Function.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::Api;
-use kube::runtime::{WatchStreamExt, watcher};
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use super::decider::Load;
@@ -30,26 +24,17 @@ use super::{Reading, StatsSource};
 use crate::api::FunctionKey;
 use crate::stats::{FunctionStats, StatsSnapshot};
 
-/// The port name of the activators' admin endpoint (serves `/stats`).
-pub const ADMIN_PORT_NAME: &str = "admin";
+use crate::platform::directory::ActivatorDirectory;
+pub use crate::platform::directory::{ADMIN_PORT_NAME, admin_addresses};
+
 /// Largest `/stats` body accepted.
 const MAX_STATS_BYTES: usize = 16 * 1024 * 1024;
 
-/// The ready `admin` addresses of each EndpointSlice, by slice name.
-type SliceAddresses = BTreeMap<String, Vec<SocketAddr>>;
-
 /// Reads `/stats` from each ready endpoint of the activator Service (port `admin`).
 pub struct HttpSource {
-    client: kube::Client,
-    namespace: String,
-    service: String,
+    directory: ActivatorDirectory,
     timeout: Duration,
     http: Client<HttpConnector, Empty<Bytes>>,
-    /// Ready activator addresses per EndpointSlice; `None` until the first list.
-    endpoints: Arc<Mutex<Option<SliceAddresses>>>,
-    /// Stops the EndpointSlice watch when the source is dropped; set on first use so
-    /// `new` needs no runtime.
-    watch: Mutex<Option<DropGuard>>,
 }
 
 impl HttpSource {
@@ -72,66 +57,15 @@ impl HttpSource {
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Self {
-            client,
-            namespace,
-            service,
+            directory: ActivatorDirectory::new(client, namespace, service),
             timeout,
             http,
-            endpoints: Arc::default(),
-            watch: Mutex::new(None),
         }
     }
 
-    fn ensure_watching(&self) {
-        let mut watch = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
-        if watch.is_some() {
-            return;
-        }
-        let stop = CancellationToken::new();
-        *watch = Some(stop.clone().drop_guard());
-        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
-        let config = watcher::Config::default()
-            .labels(&format!("kubernetes.io/service-name={}", self.service));
-        let endpoints = self.endpoints.clone();
-        let service = self.service.clone();
-        tokio::spawn(async move {
-            let mut events = watcher(api, config).default_backoff().boxed();
-            let mut relist: Option<SliceAddresses> = None;
-            loop {
-                let event = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    e = events.try_next() => e,
-                };
-                let set = |name: String, addrs: Option<Vec<SocketAddr>>| {
-                    let mut guard = endpoints.lock().unwrap_or_else(PoisonError::into_inner);
-                    let map = guard.get_or_insert_with(BTreeMap::new);
-                    match addrs {
-                        Some(a) => map.insert(name, a),
-                        None => map.remove(&name),
-                    };
-                };
-                match event {
-                    Ok(Some(watcher::Event::Init)) => relist = Some(BTreeMap::new()),
-                    Ok(Some(watcher::Event::InitApply(slice))) => {
-                        if let Some(r) = relist.as_mut() {
-                            r.insert(slice_name(&slice), admin_addresses(&slice));
-                        }
-                    }
-                    Ok(Some(watcher::Event::InitDone)) => {
-                        let fresh = relist.take().unwrap_or_default();
-                        let count: usize = fresh.values().map(Vec::len).sum();
-                        info!(%service, activators = count, "activator endpoints listed");
-                        *endpoints.lock().unwrap_or_else(PoisonError::into_inner) = Some(fresh);
-                    }
-                    Ok(Some(watcher::Event::Apply(slice))) => {
-                        set(slice_name(&slice), Some(admin_addresses(&slice)))
-                    }
-                    Ok(Some(watcher::Event::Delete(slice))) => set(slice_name(&slice), None),
-                    Ok(None) => return,
-                    Err(e) => warn!(%service, error = %e, "watching activator EndpointSlices"),
-                }
-            }
-        });
+    /// Where the activators are.
+    pub fn directory(&self) -> &ActivatorDirectory {
+        &self.directory
     }
 
     async fn read(&self, addr: SocketAddr) -> Result<StatsSnapshot, String> {
@@ -163,50 +97,15 @@ impl HttpSource {
     }
 }
 
-fn slice_name(slice: &EndpointSlice) -> String {
-    slice.metadata.name.clone().unwrap_or_default()
-}
-
-/// The `admin` address of every ready endpoint of a slice.
-pub fn admin_addresses(slice: &EndpointSlice) -> Vec<SocketAddr> {
-    let Some(port) = slice
-        .ports
-        .iter()
-        .flatten()
-        .find(|p| p.name.as_deref() == Some(ADMIN_PORT_NAME))
-        .and_then(|p| p.port)
-        .and_then(|p| u16::try_from(p).ok())
-    else {
-        return Vec::new();
-    };
-    slice
-        .endpoints
-        .iter()
-        // `ready` unset means ready (the API's documented reading of an unknown state).
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .filter_map(|e| e.addresses.first())
-        .filter_map(|a| a.parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, port))
-        .collect()
-}
-
 #[async_trait]
 impl StatsSource for HttpSource {
     async fn collect(&self) -> Vec<Reading> {
-        self.ensure_watching();
-        let addrs: BTreeSet<SocketAddr> = {
-            let guard = self
-                .endpoints
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let Some(map) = guard.as_ref() else {
-                // Not listed yet: say so, so that no activator reads as no load.
-                return vec![Reading {
-                    source: format!("endpointslices/{}", self.service),
-                    result: Err("activator endpoints not listed yet".into()),
-                }];
-            };
-            map.values().flatten().copied().collect()
+        let Some(addrs) = self.directory.addresses() else {
+            // Not listed yet: say so, so that no activator reads as no load.
+            return vec![Reading {
+                source: format!("endpointslices/{}", self.directory.service()),
+                result: Err("activator endpoints not listed yet".into()),
+            }];
         };
         futures::future::join_all(addrs.into_iter().map(|addr| async move {
             Reading {
@@ -440,6 +339,7 @@ mod tests {
     use super::*;
     use crate::api::config::ScaleConfig;
     use crate::autoscaler::decider::{Decider, Observation};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     fn key() -> FunctionKey {
         FunctionKey::new("default", "hello")
@@ -786,14 +686,13 @@ mod tests {
             Duration::from_millis(300),
         );
         // No API server here: fill in the endpoints the watch would have found.
-        *source.watch.lock().expect("lock") = Some(CancellationToken::new().drop_guard());
+        source.directory().set_addresses(None);
         let listed = source.collect().await;
         assert!(
             listed.len() == 1 && listed[0].result.is_err(),
             "before the first list the source reports an error, not an empty set"
         );
-        *source.endpoints.lock().expect("lock") =
-            Some(BTreeMap::from([("slice".into(), vec![good, stuck])]));
+        source.directory().set_addresses(Some(vec![good, stuck]));
         let started = std::time::Instant::now();
         let mut readings = source.collect().await;
         assert!(

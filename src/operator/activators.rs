@@ -1,10 +1,12 @@
-//! Follows the activator Service's EndpointSlices: the ready activator pods every
-//! Function's selector-less Service must point at. Published through a `watch` channel;
-//! a change triggers a reconcile of every Function, whose slice writes are rate-limited.
+//! Follows the activator Service and its EndpointSlices: the ready activator pods every
+//! Function's selector-less Service must point at, and the Service's ClusterIP that
+//! replicas' drain hooks call. Published through a `watch` channel; a change triggers a
+//! reconcile of every Function, whose slice writes are rate-limited.
 
 use std::net::IpAddr;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -12,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::build::{ActivatorEndpoint, ActivatorEndpoints, PORT_NAME};
+use super::build::{ActivatorEndpoint, ActivatorEndpoints, DrainHook, PORT_NAME};
 
 /// Whether a slice endpoint can take traffic: `ready` not false (unset means ready) and
 /// not terminating.
@@ -85,8 +87,36 @@ fn routable(ip: IpAddr) -> bool {
     }
 }
 
-/// Watches the activator Service `namespace/service` until `shutdown`, sending each new
-/// set of ready activators (after the first complete list) on `tx`.
+/// The drain hook address of the activator Service: its ClusterIP (the first, in the
+/// endpoints' family where it has several) and its `http` port. None for a headless
+/// Service, which has no address a kubelet could call.
+pub fn drain_hook(service: &Service, address_type: &str) -> Option<DrainHook> {
+    let spec = service.spec.as_ref()?;
+    let port = spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(PORT_NAME))?
+        .port;
+    let ips = spec
+        .cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))?;
+    let family_v6 = address_type == "IPv6";
+    let ip = ips
+        .iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .find(|ip| ip.is_ipv6() == family_v6)
+        .or_else(|| ips.iter().find_map(|ip| ip.parse::<IpAddr>().ok()))?;
+    Some(DrainHook {
+        host: ip.to_string(),
+        port,
+    })
+}
+
+/// Watches the activator Service `namespace/service` and its slices until `shutdown`,
+/// sending each new set of ready activators (after the first complete list of both)
+/// on `tx`.
 pub async fn follow(
     client: kube::Client,
     namespace: String,
@@ -94,29 +124,50 @@ pub async fn follow(
     tx: watch::Sender<Option<ActivatorEndpoints>>,
     shutdown: CancellationToken,
 ) {
-    let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
     let config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
     let (reader, writer) = reflector::store();
     let mut events = reflector(writer, watcher(api, config).default_backoff()).boxed();
-    let mut listed = false;
+    let services: Api<Service> = Api::namespaced(client, &namespace);
+    let (service_reader, service_writer) = reflector::store();
+    let mut service_events = reflector(
+        service_writer,
+        watcher(
+            services,
+            watcher::Config::default().fields(&format!("metadata.name={service}")),
+        )
+        .default_backoff(),
+    )
+    .boxed();
+    // Publish only once both are listed: a first reconcile without the drain hook would
+    // otherwise roll every running Function twice at each start.
+    let (mut slices_listed, mut service_listed) = (false, false);
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            e = events.next() => e,
-        };
-        match event {
-            None => return,
-            Some(Err(e)) => warn!(error = %e, "watching the activator EndpointSlices"),
-            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-            Some(Ok(watcher::Event::InitDone)) => listed = true,
-            Some(Ok(_)) => {}
+            e = events.next() => match e {
+                None => return,
+                Some(Err(e)) => warn!(error = %e, "watching the activator EndpointSlices"),
+                Some(Ok(watcher::Event::InitDone)) => slices_listed = true,
+                Some(Ok(_)) => {}
+            },
+            e = service_events.next() => match e {
+                None => return,
+                Some(Err(e)) => warn!(error = %e, "watching the activator Service"),
+                Some(Ok(watcher::Event::InitDone)) => service_listed = true,
+                Some(Ok(_)) => {}
+            },
         }
-        if !listed {
+        if !(slices_listed && service_listed) {
             continue;
         }
         let state = reader.state();
-        let next = aggregate(state.iter().map(|s| s.as_ref()));
+        let mut next = aggregate(state.iter().map(|s| s.as_ref()));
+        next.drain = service_reader
+            .state()
+            .first()
+            .and_then(|s| drain_hook(s, &next.address_type));
         tx.send_if_modified(|current| {
             if current.as_ref() == Some(&next) {
                 return false;

@@ -2,6 +2,22 @@
 //! config and the activator's endpoints, with no API access. Everything a user relies on
 //! (names, labels, selectors, ports, owner references, who owns `replicas`) is decided
 //! here, so it is tested from fixtures without a cluster.
+//!
+//! # Draining a replica before it stops
+//!
+//! A replica can be stopped at any time: a scale-down, a rollout of a new template, the
+//! Function's deletion, a node drain. The kubelet then runs the container's `preStop`
+//! hook and only afterwards sends SIGTERM, which many apps (python's `http.server`
+//! among them) answer by dying with their requests. The activators know which requests
+//! are in flight to which replica, so the operator gives the serving container a
+//! `preStop` `httpGet` to the activator Service (its ClusterIP, reachable from every
+//! node; no binary in the image, no sidecar, and on every Kubernetes version): the
+//! activator that receives it answers once no activator has a request in flight to a
+//! replica of the Function that has left the ready set (see `activator::drain`). The
+//! grace period is the user's (30 s by default) plus `timeouts.request`, so the kubelet
+//! never cuts a drain that waits for the longest request. A container with a `preStop`
+//! of its own keeps it (and its app drains itself); without a known activator Service
+//! address there is no hook and the user's grace period is kept.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -26,8 +42,9 @@ pub const SERVICE_LABEL: &str = "zeroscale.dev/service";
 /// see a field the user *removed* from the spec, which a subset comparison cannot.
 pub const HASH_ANNOTATION: &str = "zeroscale.dev/applied-hash";
 /// `endpointslice.kubernetes.io/managed-by` of the slices zeroscale writes (never the
-/// built-in controller's value, or it would delete them).
-pub const SLICE_MANAGER: &str = "zeroscale.dev/operator";
+/// built-in controller's value, or it would delete them). A label *value*: no `/`, as
+/// the built-in `endpointslice-controller.k8s.io`.
+pub const SLICE_MANAGER: &str = "operator.zeroscale.dev";
 /// The port name shared by the Services and the EndpointSlices (they must match).
 pub const PORT_NAME: &str = "http";
 /// The port the public Service answers on.
@@ -56,6 +73,43 @@ pub fn check_name(name: &str) -> Option<String> {
     })
 }
 
+/// Whether `value` is a valid label value: at most 63 characters of alphanumerics, `-`,
+/// `_` and `.`, beginning and ending with an alphanumeric (or empty). The API server
+/// refuses an object with any other.
+pub fn is_label_value(value: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    value.is_empty()
+        || (value.len() <= 63
+            && value.starts_with(alnum)
+            && value.ends_with(alnum)
+            && value
+                .chars()
+                .all(|c| alnum(c) || matches!(c, '-' | '_' | '.')))
+}
+
+/// Whether `key` is a valid label or annotation key: an optional DNS-subdomain prefix
+/// (at most 253 characters) and `/`, then a name as [`is_label_value`] but not empty.
+pub fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
 /// The name of a Function's private Service (selects its pods).
 pub fn private_service_name(function: &str) -> String {
     format!("{function}-private")
@@ -65,6 +119,17 @@ pub fn private_service_name(function: &str) -> String {
 pub fn activator_slice_name(function: &str) -> String {
     format!("{function}-activator")
 }
+
+/// Where a replica's `preStop` asks the activators to drain it: the activator Service's
+/// ClusterIP and its `http` port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainHook {
+    pub host: String,
+    pub port: i32,
+}
+
+/// Kubernetes' default `terminationGracePeriodSeconds`.
+const DEFAULT_GRACE_SECONDS: i64 = 30;
 
 /// One ready activator pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +150,8 @@ pub struct ActivatorEndpoints {
     pub address_type: String,
     /// Sorted, deduplicated by IP.
     pub endpoints: Vec<ActivatorEndpoint>,
+    /// The activator Service's address for replicas' drain hooks, once it is known.
+    pub drain: Option<DrainHook>,
 }
 
 /// What the reconciler does with `spec.replicas` of the Deployment.
@@ -215,6 +282,15 @@ pub fn build(
         .labels
         .get_or_insert_with(BTreeMap::new)
         .extend(selector.clone());
+    if let Some(hook) = activators.and_then(|a| a.drain.as_ref()) {
+        add_drain_hook(
+            &mut template,
+            hook,
+            &namespace,
+            &name,
+            config.timeouts.request,
+        );
+    }
     let deployment = Deployment {
         metadata: meta(name.clone(), None),
         spec: Some(DeploymentSpec {
@@ -322,6 +398,46 @@ pub fn build(
         stamp_hash(s, false);
     }
     Ok(desired)
+}
+
+/// Gives the serving container (the first) a `preStop` that waits for the activators to
+/// drain the replica, and a grace period long enough for it (see the module docs).
+fn add_drain_hook(
+    template: &mut k8s_openapi::api::core::v1::PodTemplateSpec,
+    hook: &DrainHook,
+    namespace: &str,
+    name: &str,
+    request_timeout: std::time::Duration,
+) {
+    use k8s_openapi::api::core::v1::{HTTPGetAction, Lifecycle, LifecycleHandler};
+    let Some(spec) = template.spec.as_mut() else {
+        return;
+    };
+    let Some(container) = spec.containers.first_mut() else {
+        return;
+    };
+    let lifecycle = container.lifecycle.get_or_insert_with(Lifecycle::default);
+    if lifecycle.pre_stop.is_some() {
+        return;
+    }
+    lifecycle.pre_stop = Some(LifecycleHandler {
+        http_get: Some(HTTPGetAction {
+            host: Some(hook.host.clone()),
+            port: IntOrString::Int(hook.port),
+            path: Some(format!(
+                "{}{namespace}/{name}",
+                crate::api::DRAIN_PATH_PREFIX
+            )),
+            scheme: Some("HTTP".into()),
+            ..HTTPGetAction::default()
+        }),
+        ..LifecycleHandler::default()
+    });
+    let drain = i64::try_from(request_timeout.as_secs()).unwrap_or(i64::MAX);
+    let grace = spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_GRACE_SECONDS);
+    spec.termination_grace_period_seconds = Some(grace.saturating_add(drain));
 }
 
 /// The controller owner reference to a Function (garbage collection follows it).

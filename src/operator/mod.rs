@@ -100,8 +100,9 @@ pub struct Config {
         default_value = "zeroscale-system/zeroscale-activator"
     )]
     pub activator_service: String,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
-    #[arg(long, env = "ZEROSCALE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    /// Where `/metrics`, `/healthz` and `/readyz` are served. The default differs from
+    /// the activator's admin port (9090), so both can run on one machine.
+    #[arg(long, env = "ZEROSCALE_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
     pub admin_listen: SocketAddr,
     /// Elect a leader through a Lease, so several replicas can run with one active.
     #[arg(
@@ -120,7 +121,10 @@ pub struct Config {
         default_value = "zeroscale-operator"
     )]
     pub lease_name: String,
-    /// The namespace of the leader Lease (default: the pod's namespace).
+    /// The namespace of the leader Lease. Default: the pod's namespace (`POD_NAMESPACE`),
+    /// else the namespace of `--activator-service`, which is where zeroscale is
+    /// installed (and where a namespace-scoped install may keep a Lease), also when the
+    /// operator runs outside the cluster.
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// This replica's identity in the Lease and in Events (default: the host name).
@@ -145,6 +149,17 @@ pub fn parse_service(s: &str) -> Result<(String, String), Error> {
             "--activator-service must be namespace/name, got {s:?}"
         ))),
     }
+}
+
+/// The namespace of the leader Lease: the flag (or `POD_NAMESPACE`), else the activator
+/// Service's namespace. Never the kubeconfig's default namespace, which out of a pod is
+/// usually `default`, a namespace a scoped install has no right to.
+pub fn lease_namespace(config: &Config, activator_namespace: &str) -> String {
+    config
+        .lease_namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| activator_namespace.to_string())
 }
 
 fn identity(config: &Config) -> String {
@@ -190,11 +205,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
     let (leading_tx, mut leading) = watch::channel(!config.leader_elect);
     let elector_stop = CancellationToken::new();
     let elector = if config.leader_elect {
-        let lease_ns = config
-            .lease_namespace
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| client.default_namespace().to_string());
+        let lease_ns = lease_namespace(&config, &activator_ns);
         info!(%identity, lease = %format!("{lease_ns}/{}", config.lease_name), "standing for election");
         let store = leader::KubeLeaseStore::new(client.clone(), &lease_ns, &config.lease_name);
         let elector = leader::Elector::new(store, identity.clone(), leader::Timing::default());
@@ -515,10 +526,43 @@ mod tests {
         let c = parse(&[]);
         assert_eq!(c.namespace, "");
         assert_eq!(c.activator_service, "zeroscale-system/zeroscale-activator");
-        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:9090");
+        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:9091");
         assert!(c.leader_elect);
         assert_eq!(c.lease_name, "zeroscale-operator");
         assert_eq!(c.shared.cluster_domain, "cluster.local");
+    }
+
+    /// Out of a pod there is no POD_NAMESPACE: the Lease must still live in zeroscale's
+    /// own namespace (the first landing took the kubeconfig's `default`).
+    #[test]
+    fn the_lease_lives_next_to_the_activator_unless_told_otherwise() {
+        let c = parse(&["--activator-service", "zs/zeroscale-activator"]);
+        assert_eq!(lease_namespace(&c, "zs"), "zs");
+        let c = parse(&["--lease-namespace", "elsewhere"]);
+        assert_eq!(lease_namespace(&c, "zeroscale-system"), "elsewhere");
+        let c = parse(&["--lease-namespace", ""]);
+        assert_eq!(lease_namespace(&c, "zeroscale-system"), "zeroscale-system");
+    }
+
+    /// A laptop against a cluster (and the e2e suite) runs both components on one
+    /// machine: their default listen addresses must not collide.
+    #[test]
+    fn operator_and_activator_defaults_can_run_on_one_machine() {
+        #[derive(Parser)]
+        struct Activator {
+            #[command(flatten)]
+            config: crate::activator::Config,
+        }
+        let a = Activator::try_parse_from(["activator"])
+            .expect("flags parse")
+            .config;
+        let o = parse(&[]);
+        let taken = [a.listen.port(), a.admin_listen.port()];
+        assert!(
+            !taken.contains(&o.admin_listen.port()),
+            "operator admin {} collides with the activator's {taken:?}",
+            o.admin_listen
+        );
     }
 
     #[test]

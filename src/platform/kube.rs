@@ -429,6 +429,32 @@ impl Platform for KubePlatform {
         Ok(())
     }
 
+    async fn stopping_replicas(&self, key: &FunctionKey) -> Result<Vec<IpAddr>, PlatformError> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), &key.namespace);
+        let list = pods
+            .list(
+                &kube::api::ListParams::default().labels(&format!("{FUNCTION_LABEL}={}", key.name)),
+            )
+            .await
+            .map_err(|e| map_err(key, e))?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| p.status.as_ref())
+            .flat_map(|s| {
+                let ips: Vec<&str> = match &s.pod_ips {
+                    Some(ips) if !ips.is_empty() => ips.iter().map(|i| i.ip.as_str()).collect(),
+                    _ => s.pod_ip.as_deref().into_iter().collect(),
+                };
+                ips.into_iter()
+                    .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect())
+    }
+
     async fn publish_autoscaler_status(
         &self,
         key: &FunctionKey,

@@ -34,6 +34,7 @@ struct State {
     failing_wakes: usize,
     scale_calls: Vec<ScaleCall>,
     statuses: BTreeMap<FunctionKey, AutoscalerStatus>,
+    stopping: BTreeMap<FunctionKey, Vec<std::net::IpAddr>>,
     function_subscribers: Vec<mpsc::UnboundedSender<FunctionEvent>>,
     endpoint_subscribers: Vec<mpsc::UnboundedSender<EndpointsEvent>>,
 }
@@ -54,6 +55,11 @@ impl MemoryPlatform {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic in a test while holding the lock must not hide the original failure.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Says which replica addresses of a Function are being stopped (for drains).
+    pub fn set_stopping(&self, key: &FunctionKey, ips: Vec<std::net::IpAddr>) {
+        self.state().stopping.insert(key.clone(), ips);
     }
 
     /// Creates or changes a Function (status included).
@@ -148,6 +154,13 @@ impl MemoryPlatform {
 
 #[async_trait]
 impl Platform for MemoryPlatform {
+    async fn stopping_replicas(
+        &self,
+        key: &FunctionKey,
+    ) -> Result<Vec<std::net::IpAddr>, PlatformError> {
+        Ok(self.state().stopping.get(key).cloned().unwrap_or_default())
+    }
+
     fn functions(&self) -> BoxStream<'static, FunctionEvent> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut s = self.state();

@@ -6,6 +6,7 @@
 //! the Deployment scale subresource); [`local::LocalPlatform`] provides them in
 //! `zeroscale dev` (processes on this machine). Neither caller knows which it runs on.
 
+pub mod directory;
 pub mod kube;
 pub mod local;
 pub mod memory;
@@ -108,6 +109,18 @@ pub trait Platform: Send + Sync + 'static {
         expected_version: Option<&str>,
         reason: &str,
     ) -> Result<(), PlatformError>;
+
+    /// The addresses of a Function's replicas that are being stopped (their pods have
+    /// begun terminating), read fresh from the platform: a drain waits until no activator
+    /// routes to them or has a request in flight to them. A platform that drains its
+    /// replicas itself before stopping them (`dev`) has none to report.
+    async fn stopping_replicas(
+        &self,
+        key: &FunctionKey,
+    ) -> Result<Vec<std::net::IpAddr>, PlatformError> {
+        let _ = key;
+        Ok(Vec::new())
+    }
 
     /// Publishes what the autoscaler decided on the Function's status.
     async fn publish_autoscaler_status(

@@ -118,18 +118,19 @@ release namespace.
 - apiGroups: ["zeroscale.dev"]
   resources: ["functions/status"]
   verbs: ["patch"]
+{{- /* Server-side apply is authorized as create for a new object, patch for one that exists. */}}
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["create", "get", "list", "patch", "watch"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["get", "patch", "update"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["create", "get", "list", "patch", "watch"]
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["create", "get", "list", "patch", "watch"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
@@ -141,9 +142,12 @@ release namespace.
 {{- define "zeroscale.operator.localRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
-  verbs: ["get", "create", "update"]
+  verbs: ["create", "get", "update"]
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["services"]
   verbs: ["list", "watch"]
 {{- end }}
 
@@ -156,5 +160,14 @@ release namespace.
   verbs: ["list", "watch"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "update"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+{{- end }}
+
+{{- define "zeroscale.activator.localRules" -}}
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
 {{- end }}
