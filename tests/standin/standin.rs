@@ -214,6 +214,22 @@ async fn run(args: Args) -> Result<(), String> {
     std::fs::create_dir_all(&pods_dir)
         .and_then(|()| std::fs::set_permissions(&pods_dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(|e| format!("{}: {e}", pods_dir.display()))?;
+    // One stand-in per state directory: a second one would take the first one's
+    // namespaces, veths and bridge for leftovers. The lock dies with the process.
+    let lock_path = args.state_dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| {
+            format!(
+                "another stand-in node runs with state dir {} ({e})",
+                args.state_dir.display()
+            )
+        })?;
     // What a previous run left: sandboxes (its processes died with it) and pod dirs.
     let removed = network
         .cleanup_leftovers()
