@@ -456,6 +456,7 @@ fn claim_view(key: &FunctionKey, created: Option<jiff::Timestamp>, hosts: &[Stri
             scale: None,
             timeouts: None,
             queue: None,
+            undecodable: None,
         },
     );
     f.metadata.namespace = Some(key.namespace.clone());

@@ -107,6 +107,7 @@ impl Defaults {
             scale: None,
             timeouts: None,
             queue: None,
+            undecodable: None,
         };
         FunctionConfig::resolve(&probe, &defaults)
             .map_err(|e| crate::Error::Config(format!("defaults file {}: {e}", path.display())))?;
@@ -190,6 +191,15 @@ pub struct FunctionConfig {
 impl FunctionConfig {
     /// Applies `defaults` to `spec` and validates the result; returns every problem found.
     pub fn resolve(spec: &FunctionSpec, defaults: &Defaults) -> Result<Self, ValidationErrors> {
+        if let Some(problem) = &spec.undecodable {
+            let (field, message) = problem
+                .split_once(": ")
+                .unwrap_or(("spec", problem.as_str()));
+            return Err(ValidationErrors(vec![FieldError {
+                field: field.to_string(),
+                message: format!("cannot be decoded: {message}"),
+            }]));
+        }
         let mut errs = Vec::new();
         let mut err = |field: &str, message: String| {
             errs.push(FieldError {

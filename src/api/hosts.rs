@@ -137,6 +137,7 @@ mod tests {
                 scale: None,
                 timeouts: None,
                 queue: None,
+                undecodable: None,
             },
         );
         f.metadata.namespace = Some(ns.into());

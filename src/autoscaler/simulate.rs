@@ -39,6 +39,7 @@ fn resolve(scale: Option<ScaleSpec>) -> Result<ScaleConfig, ValidationErrors> {
         scale,
         timeouts: None,
         queue: None,
+        undecodable: None,
     };
     FunctionConfig::resolve(&spec, &Defaults::default()).map(|c| c.scale)
 }

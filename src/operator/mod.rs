@@ -585,6 +585,7 @@ mod tests {
                     scale: None,
                     timeouts: None,
                     queue: None,
+                    undecodable: None,
                 },
             );
             f.metadata.namespace = Some("default".into());

@@ -261,6 +261,7 @@ mod tests {
                     scale: None,
                     timeouts: None,
                     queue: None,
+                    undecodable: None,
                 },
             );
             f.metadata.uid = Some("uid".into());

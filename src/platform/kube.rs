@@ -611,6 +611,7 @@ mod tests {
                 scale: None,
                 timeouts: None,
                 queue: None,
+                undecodable: None,
             },
         );
         assert!(state.handle(watcher::Event::Init).is_none());
