@@ -394,7 +394,8 @@ impl Activator {
     /// Whether a raw `Host` value routes to a Function: the normalisation and table
     /// lookup a request pays, exposed so the benchmark harness (`bench/`) can time it.
     pub fn routes(&self, host: &str) -> bool {
-        crate::api::hosts::normalize_host(host).is_some_and(|h| self.table().lookup(&h).is_some())
+        crate::api::hosts::normalize_host_ref(host)
+            .is_some_and(|h| self.table().lookup(&h).is_some())
     }
 
     /// Requests in flight to one replica now; `dev` waits for zero before it stops a
