@@ -12,9 +12,11 @@
 //! request and 431 for a head larger than `max_header_bytes` (HTTP/1.1); a client that
 //! does not finish its head within `header_read_timeout` is disconnected (that timeout
 //! also closes client keep-alive connections idle that long). `timeouts.request` bounds
-//! the wait for a replica's response head; a streamed body may then take longer.
+//! the wait for a replica's response head; a streamed body may then take longer. Both
+//! run on one timer per client connection (`client`), not on a timer per request.
 
 mod balancer;
+mod client;
 mod error;
 mod gate;
 mod pool;
@@ -33,7 +35,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -47,7 +49,7 @@ use crate::platform::{EndpointsEvent, FunctionEvent, Platform};
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, AdminRoute, Readiness};
 
-use self::proxy::ConnInfo;
+use self::client::{ClientBody, ClientConn, ClientIo, Watched};
 use self::routing::{Conf, Table};
 use self::stats::Metrics;
 
@@ -260,8 +262,8 @@ impl Activator {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
+            // The connection's own timer enforces it (see `client`), not one per request.
+            .header_read_timeout(None)
             .max_buf_size(self.settings.max_header_bytes.max(8192));
         builder
             .http2()
@@ -285,20 +287,32 @@ impl Activator {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let conn_info = Arc::new(ConnInfo::new(peer, &self.settings.trusted_proxies));
+            let client = ClientConn::new(
+                peer,
+                &self.settings.trusted_proxies,
+                self.settings.header_read_timeout,
+            );
             let act = self.clone();
+            let svc_client = client.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let act = act.clone();
-                let conn_info = conn_info.clone();
-                async move { Ok::<_, Infallible>(proxy::handle(&act, &conn_info, req).await) }
+                let active = svc_client.request_started(req.version());
+                async move {
+                    let resp = proxy::handle(&act, active.client(), req).await;
+                    Ok::<_, Infallible>(resp.map(|body| ClientBody::new(body, active)))
+                }
             });
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(ClientIo::new(stream, client.clone()), svc)
                 .into_owned();
-            let conn = graceful.watch(conn);
+            let conn = Watched::new(graceful.watch(conn), client);
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(%peer, error = %e, "client connection ended with an error");
+                match conn.await {
+                    Some(Err(e)) => {
+                        debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    None => debug!(%peer, "no request head within the header read timeout"),
+                    Some(Ok(())) => {}
                 }
             });
         }

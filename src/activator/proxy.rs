@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use super::Activator;
 use super::balancer::Lease;
+use super::client::ClientConn;
 use super::error::ProxyError;
 use super::gate::{self, Admitted, Traffic};
 use super::pool;
@@ -64,7 +65,7 @@ impl ConnInfo {
 /// Serves one request: routes it, proxies it, and maps any failure to its answer.
 pub(crate) async fn handle(
     act: &Arc<Activator>,
-    conn: &ConnInfo,
+    client: &ClientConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let Some(host) = request_host(&req) else {
@@ -84,7 +85,7 @@ pub(crate) async fn handle(
     );
     // No span per request: the events below carry the Function themselves, and a span
     // (even a disabled one) costs its setup on every request.
-    let resp = match forward(act, &fs, &conf, traffic, guard, conn, req).await {
+    let resp = match forward(act, &fs, &conf, traffic, guard, client, req).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status() == StatusCode::BAD_GATEWAY {
@@ -116,7 +117,7 @@ async fn forward(
     conf: &Conf,
     traffic: &Traffic,
     mut guard: RequestGuard,
-    conn: &ConnInfo,
+    client: &ClientConn,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if let Some(reason) = &conf.invalid {
@@ -146,7 +147,13 @@ async fn forward(
     let client_version = req.version();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(&mut parts.headers, scan, conn, fallback_host, upgrade);
+    prepare_request_headers(
+        &mut parts.headers,
+        scan,
+        &client.info,
+        fallback_host,
+        upgrade,
+    );
     let path = parts
         .uri
         .path_and_query()
@@ -166,24 +173,33 @@ async fn forward(
     let (resp, upstream) = loop {
         let Admitted {
             lease,
-            cold: waited,
+            cold: woken,
+            queued,
         } = gate::admit(fs, conf, traffic, &act.platform, deadline, &tried).await?;
-        cold |= waited;
+        cold |= woken;
         let replica = lease.replica().clone();
         guard.admitted(lease);
 
-        let request_deadline = Instant::now() + conf.request;
-        let acquired = tokio::time::timeout_at(
-            request_deadline,
-            replica
-                .idle
-                .acquire(replica.addr, act.settings.connect_timeout),
-        )
-        .await
-        .map_err(|_| ProxyError::RequestTimeout {
-            key: fs.key.clone(),
-            timeout: conf.request,
-        })?;
+        // From now: admitted at once on the first attempt is admitted at arrival.
+        let admitted_at = if queued || !tried.is_empty() || stale > 0 {
+            Instant::now()
+        } else {
+            guard.start
+        };
+        let request_deadline = admitted_at + conf.request;
+        let acquired = client
+            .bound(
+                client_version,
+                request_deadline,
+                replica
+                    .idle
+                    .acquire(replica.addr, act.settings.connect_timeout),
+            )
+            .await
+            .map_err(|_| ProxyError::RequestTimeout {
+                key: fs.key.clone(),
+                timeout: conf.request,
+            })?;
         let (mut upstream, pooled) = match acquired {
             Ok(c) => c,
             Err(e) => {
@@ -193,7 +209,14 @@ async fn forward(
                 continue;
             }
         };
-        match tokio::time::timeout_at(request_deadline, upstream.try_send_request(up)).await {
+        match client
+            .bound(
+                client_version,
+                request_deadline,
+                upstream.try_send_request(up),
+            )
+            .await
+        {
             Err(_) => {
                 return Err(ProxyError::RequestTimeout {
                     key: fs.key.clone(),
@@ -655,6 +678,10 @@ impl ProxyBody {
         Self::Full(body)
     }
     fn empty() -> Self {
+        Self::Empty
+    }
+    #[cfg(test)]
+    pub(crate) fn empty_for_test() -> Self {
         Self::Empty
     }
     fn upstream(body: Incoming, mut guard: RequestGuard) -> Self {
