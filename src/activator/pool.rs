@@ -56,7 +56,10 @@ pub(crate) enum ConnectError {
 pub(crate) struct IdleConns {
     stack: Mutex<Vec<(Conn, Instant)>>,
     connecting: AtomicUsize,
-    /// A connection was checked in, or a connect finished.
+    /// Requests waiting in [`Self::acquire`] for a connection to come back.
+    waiting: AtomicUsize,
+    /// A connection was checked in, or a connect finished (notified only when someone
+    /// waits: the common checkout and checkin touch no waiter list).
     changed: Notify,
 }
 
@@ -75,21 +78,39 @@ impl IdleConns {
         addr: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<(Conn, bool), ConnectError> {
+        if let Some(conn) = self.checkout() {
+            return Ok((conn, true));
+        }
         loop {
+            if self.connecting.fetch_add(1, Ordering::SeqCst) < MAX_CONNECTING_PER_REPLICA {
+                let result = connect(addr, connect_timeout).await;
+                self.connecting.fetch_sub(1, Ordering::SeqCst);
+                self.wake_one();
+                return result.map(|conn| (conn, false));
+            }
+            self.connecting.fetch_sub(1, Ordering::SeqCst);
+            // Announce the wait before looking again: a checkin that pushes after this
+            // look sees `waiting` (the stack's lock orders the two) and notifies.
+            let _waiting = Waiting::enter(&self.waiting);
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(conn) = self.checkout() {
                 return Ok((conn, true));
             }
-            if self.connecting.fetch_add(1, Ordering::AcqRel) < MAX_CONNECTING_PER_REPLICA {
-                let result = connect(addr, connect_timeout).await;
-                self.connecting.fetch_sub(1, Ordering::AcqRel);
-                self.changed.notify_one();
-                return result.map(|conn| (conn, false));
+            if self.connecting.load(Ordering::SeqCst) < MAX_CONNECTING_PER_REPLICA {
+                continue;
             }
-            self.connecting.fetch_sub(1, Ordering::AcqRel);
             changed.await;
+            if let Some(conn) = self.checkout() {
+                return Ok((conn, true));
+            }
+        }
+    }
+
+    fn wake_one(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_one();
         }
     }
 
@@ -109,16 +130,15 @@ impl IdleConns {
         None
     }
 
-    /// Returns a connection whose last response was read to the end. Connections idle
-    /// longer than `idle_timeout` are closed on the way.
-    pub(crate) fn checkin(&self, conn: Conn, idle_timeout: Duration) {
+    /// Returns a connection whose last response was read to the end at `now`.
+    /// Connections idle longer than `idle_timeout` are closed on the way.
+    pub(crate) fn checkin(&self, conn: Conn, now: Instant, idle_timeout: Duration) {
         if conn.is_closed() {
             return;
         }
         let Ok(mut stack) = self.stack.lock() else {
             return;
         };
-        let now = Instant::now();
         let stale = stack
             .iter()
             .take_while(|(_, since)| now.saturating_duration_since(*since) > idle_timeout)
@@ -128,7 +148,23 @@ impl IdleConns {
             stack.push((conn, now));
         }
         drop(stack);
-        self.changed.notify_one();
+        self.wake_one();
+    }
+}
+
+/// One request counted in [`IdleConns::waiting`] while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -204,7 +204,7 @@ async fn forward(
             Ok(c) => c,
             Err(e) => {
                 debug!(function = %fs.key, error = %e, "replica unreachable, trying another");
-                guard.release();
+                guard.release(Instant::now());
                 tried.push(replica.addr);
                 continue;
             }
@@ -228,7 +228,7 @@ async fn forward(
                 if is_body_too_large(e.error()) {
                     return Err(ProxyError::BodyTooLarge { limit });
                 }
-                guard.release();
+                guard.release(Instant::now());
                 let Some(unsent) = e.take_message() else {
                     return Err(ProxyError::Upstream {
                         key: fs.key.clone(),
@@ -495,6 +495,8 @@ pub(crate) fn prepare_request_headers(
 pub(crate) struct RequestGuard {
     fs: Arc<FunctionState>,
     start: Instant,
+    /// `start` in the Function's counters' terms.
+    arrived: u64,
     lease: Option<Lease>,
     /// Replicas have a concurrency cap: a freed slot may let a queued request go.
     capped: bool,
@@ -513,10 +515,11 @@ impl RequestGuard {
         idle_timeout: std::time::Duration,
     ) -> Self {
         let start = Instant::now();
-        traffic.counters.arrive(start);
+        let arrived = traffic.counters.arrive(start);
         Self {
             fs,
             start,
+            arrived,
             lease: None,
             capped,
             upstream: None,
@@ -538,12 +541,14 @@ impl RequestGuard {
         self.lease = Some(lease);
     }
 
-    fn release(&mut self) {
+    /// Gives the replica slot back, and at `now` the connection if its response was read
+    /// to the end.
+    fn release(&mut self, now: Instant) {
         if let Some(lease) = self.lease.take() {
             if let Some(conn) = self.upstream.take()
                 && self.completed
             {
-                lease.replica().idle.checkin(conn, self.idle_timeout);
+                lease.replica().idle.checkin(conn, now, self.idle_timeout);
             }
             drop(lease);
             if let Some(t) = self.traffic() {
@@ -561,13 +566,12 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.release();
+        // One clock read for everything the end of a request updates.
+        let now = Instant::now();
+        self.release(now);
         if let Some(t) = self.traffic() {
-            let now = Instant::now();
-            t.counters.depart(now);
-            t.metrics
-                .duration
-                .observe(now.saturating_duration_since(self.start).as_secs_f64());
+            let present = t.counters.depart(now, self.arrived);
+            t.metrics.duration.observe(present.as_secs_f64());
         }
     }
 }
