@@ -30,6 +30,7 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use super::proxy::{ConnInfo, ProxyBody};
@@ -245,35 +246,102 @@ impl<F: Future> Future for Bounded<'_, F> {
     }
 }
 
+/// The activator's drain: when it starts, every connection finishes the request in
+/// progress and closes; [`Drain::drain`] returns when all have.
+///
+/// hyper-util's `GracefulShutdown` does the same but polls a `watch::Receiver::changed`
+/// future (a waiter-list lock) on every poll of every connection; a connection here
+/// registers its wake-up once and then checks an atomic version.
+pub(crate) struct Drain {
+    tx: watch::Sender<()>,
+}
+
+impl Drain {
+    pub(crate) fn new() -> Self {
+        Self {
+            tx: watch::Sender::new(()),
+        }
+    }
+
+    pub(crate) fn watcher(&self) -> DrainWatch {
+        let rx = self.tx.subscribe();
+        let mut waiting = rx.clone();
+        DrainWatch {
+            rx,
+            wake: Box::pin(async move {
+                let _ = waiting.changed().await;
+            }),
+            registered: false,
+        }
+    }
+
+    /// Tells every connection to finish, and waits until all have.
+    pub(crate) async fn drain(self) {
+        let _ = self.tx.send(());
+        self.tx.closed().await;
+    }
+}
+
+/// One connection's view of the [`Drain`].
+pub(crate) struct DrainWatch {
+    rx: watch::Receiver<()>,
+    /// Wakes the connection's task when the drain starts; polled once, to register.
+    wake: Pin<Box<dyn Future<Output = ()> + Send>>,
+    registered: bool,
+}
+
+impl DrainWatch {
+    fn started(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.registered {
+            self.registered = true;
+            if self.wake.as_mut().poll(cx).is_ready() {
+                return true;
+            }
+        }
+        self.rx.has_changed().unwrap_or(true)
+    }
+}
+
 pin_project! {
     /// A client connection's future with its timer: ends the connection when no request
-    /// head arrives within the header timeout, and tells a waiting request when its
-    /// deadline has passed. Resolves to `None` when it closed the connection itself.
-    pub(crate) struct Watched<F> {
+    /// head arrives within the header timeout, tells a waiting request when its deadline
+    /// has passed, and starts the connection's graceful shutdown (`shut_down`) when the
+    /// activator drains. Resolves to `None` when it closed the connection itself.
+    pub(crate) struct Watched<F, D> {
         #[pin]
         conn: F,
         #[pin]
         timer: Sleep,
         client: Arc<ClientConn>,
+        drain: DrainWatch,
+        draining: bool,
+        shut_down: D,
     }
 }
 
-impl<F> Watched<F> {
-    pub(crate) fn new(conn: F, client: Arc<ClientConn>) -> Self {
+impl<F, D: FnMut(Pin<&mut F>)> Watched<F, D> {
+    pub(crate) fn new(conn: F, client: Arc<ClientConn>, drain: DrainWatch, shut_down: D) -> Self {
         let first = client.at(client.armed.load(Ordering::Acquire));
         Self {
             conn,
             timer: tokio::time::sleep_until(first),
             client,
+            drain,
+            draining: false,
+            shut_down,
         }
     }
 }
 
-impl<F: Future> Future for Watched<F> {
+impl<F: Future, D: FnMut(Pin<&mut F>)> Future for Watched<F, D> {
     type Output = Option<F::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        if !*this.draining && this.drain.started(cx) {
+            *this.draining = true;
+            (this.shut_down)(this.conn.as_mut());
+        }
         loop {
             let fired = this.timer.as_mut().poll(cx).is_ready();
             let rearm = this.client.rearm.load(Ordering::Acquire)
@@ -449,6 +517,13 @@ impl hyper::rt::Write for ClientIo {
 mod tests {
     use super::*;
 
+    fn watched<F: Future>(conn: F, client: Arc<ClientConn>) -> Watched<F, impl FnMut(Pin<&mut F>)> {
+        // A drain that never starts: its sender outlives the test (a connection whose
+        // drain sender is gone drains).
+        let drain = Box::leak(Box::new(Drain::new()));
+        Watched::new(conn, client, drain.watcher(), |_| {})
+    }
+
     fn conn(header_timeout: Duration) -> Arc<ClientConn> {
         ClientConn::new("127.0.0.1:1".parse().unwrap(), &[], header_timeout)
     }
@@ -457,7 +532,7 @@ mod tests {
     async fn an_idle_connection_closes_after_the_header_timeout() {
         let c = conn(Duration::from_secs(2));
         let started = Instant::now();
-        let out = Watched::new(futures::future::pending::<()>(), c).await;
+        let out = watched(futures::future::pending::<()>(), c).await;
         assert!(out.is_none());
         assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
@@ -465,7 +540,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_header_timeout_runs_from_the_end_of_the_last_response() {
         let c = conn(Duration::from_secs(2));
-        let watched = tokio::spawn(Watched::new(futures::future::pending::<()>(), c.clone()));
+        let watched = tokio::spawn(watched(futures::future::pending::<()>(), c.clone()));
         let active = c.request_started(Version::HTTP_11);
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(
@@ -483,7 +558,7 @@ mod tests {
     async fn an_http2_connection_has_no_header_timeout() {
         let c = conn(Duration::from_secs(2));
         c.h2.store(true, Ordering::Relaxed);
-        let watched = tokio::spawn(Watched::new(futures::future::pending::<()>(), c));
+        let watched = tokio::spawn(watched(futures::future::pending::<()>(), c));
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!watched.is_finished());
         watched.abort();
@@ -505,7 +580,7 @@ mod tests {
             (waited.is_err(), started.elapsed())
         };
         let _active = c.request_started(Version::HTTP_11);
-        let (elapsed, took) = Watched::new(request, c).await.unwrap();
+        let (elapsed, took) = watched(request, c).await.unwrap();
         assert!(elapsed);
         assert_eq!(took, Duration::from_secs(3));
     }

@@ -37,7 +37,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +48,7 @@ use crate::platform::{EndpointsEvent, FunctionEvent, Platform};
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, AdminRoute, Readiness};
 
-use self::client::{ClientBody, ClientConn, ClientIo, Watched};
+use self::client::{ClientBody, ClientConn, ClientIo, Drain, Watched};
 use self::routing::{Conf, Table};
 use self::stats::Metrics;
 
@@ -271,7 +270,7 @@ impl Activator {
             .max_header_list_size(
                 u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
             );
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::new();
         info!(addr = ?listener.local_addr().ok(), id = %self.settings.id, "activator listening");
         loop {
             let (stream, peer) = tokio::select! {
@@ -305,7 +304,7 @@ impl Activator {
             let conn = builder
                 .serve_connection_with_upgrades(ClientIo::new(stream, client.clone()), svc)
                 .into_owned();
-            let conn = Watched::new(graceful.watch(conn), client);
+            let conn = Watched::new(conn, client, drain.watcher(), |c| c.graceful_shutdown());
             tokio::spawn(async move {
                 match conn.await {
                     Some(Err(e)) => {
@@ -318,7 +317,7 @@ impl Activator {
         }
         drop(listener);
         info!(timeout = ?self.settings.drain_timeout, "stopped accepting; draining");
-        match tokio::time::timeout(self.settings.drain_timeout, graceful.shutdown()).await {
+        match tokio::time::timeout(self.settings.drain_timeout, drain.drain()).await {
             Ok(()) => info!("drained"),
             Err(_) => warn!("drain timeout passed; cutting the remaining connections"),
         }
