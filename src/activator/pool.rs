@@ -82,13 +82,15 @@ impl IdleConns {
             return Ok((conn, true));
         }
         loop {
-            if self.connecting.fetch_add(1, Ordering::SeqCst) < MAX_CONNECTING_PER_REPLICA {
+            // The slot is given back however the connect ends, also when the request
+            // stops waiting for it (its timeout, its client gone) and drops it midway.
+            let slot = Connecting::enter(self);
+            if slot.granted {
                 let result = connect(addr, connect_timeout).await;
-                self.connecting.fetch_sub(1, Ordering::SeqCst);
-                self.wake_one();
+                drop(slot);
                 return result.map(|conn| (conn, false));
             }
-            self.connecting.fetch_sub(1, Ordering::SeqCst);
+            drop(slot);
             // Announce the wait before looking again: a checkin that pushes after this
             // look sees `waiting` (the stack's lock orders the two) and notifies.
             let _waiting = Waiting::enter(&self.waiting);
@@ -149,6 +151,33 @@ impl IdleConns {
         }
         drop(stack);
         self.wake_one();
+    }
+}
+
+/// A connect in progress, counted in [`IdleConns::connecting`] until it is dropped.
+struct Connecting<'a> {
+    conns: &'a IdleConns,
+    /// Under the limit: this request may connect.
+    granted: bool,
+}
+
+impl<'a> Connecting<'a> {
+    fn enter(conns: &'a IdleConns) -> Self {
+        let before = conns.connecting.fetch_add(1, Ordering::SeqCst);
+        Self {
+            conns,
+            granted: before < MAX_CONNECTING_PER_REPLICA,
+        }
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.conns.connecting.fetch_sub(1, Ordering::SeqCst);
+        if self.granted {
+            // A connect slot is free: a request waiting for one may take it.
+            self.conns.wake_one();
+        }
     }
 }
 
