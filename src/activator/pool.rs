@@ -2,11 +2,18 @@
 //! replica (so there is no pool-wide lock), checked out per request and checked back in
 //! when its response has been read to the end.
 //!
+//! With one data-plane thread per core (`workers`), each replica keeps one stack per
+//! thread: a connection's driving task runs on the thread that opened it, so a request
+//! takes its thread's own connections (no cross-thread wake-ups per request) and gives
+//! each back to the stack of the thread it belongs to. Only a request that would
+//! otherwise wait for a connect slot borrows another thread's idle connection.
+//!
 //! Written on hyper's connection API rather than hyper-util's legacy `Client` because
 //! the proxy needs what that client hides: whether a failure happened before the request
 //! was written (then it is retried, on another replica for a connect failure), and no
 //! extra task per request to return a connection to the pool.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -29,8 +36,44 @@ const MAX_IDLE_PER_REPLICA: usize = 512;
 /// overflowing a fresh replica's accept backlog (Python's http.server listens with 5).
 const MAX_CONNECTING_PER_REPLICA: usize = 8;
 
+thread_local! {
+    /// The data-plane thread this is (see `workers`); 0 on any other thread.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as data-plane thread `index`.
+pub(crate) fn set_worker(index: usize) {
+    WORKER.set(index);
+}
+
 /// An HTTP/1.1 connection to a replica, ready for a request.
-pub(crate) type Conn = SendRequest<UpstreamBody>;
+pub(crate) struct Conn {
+    send: SendRequest<UpstreamBody>,
+    /// The thread whose runtime drives it.
+    home: usize,
+}
+
+impl Conn {
+    pub(crate) fn try_send_request(
+        &mut self,
+        req: http::Request<UpstreamBody>,
+    ) -> impl Future<
+        Output = Result<
+            http::Response<hyper::body::Incoming>,
+            hyper::client::conn::TrySendError<http::Request<UpstreamBody>>,
+        >,
+    > + use<> {
+        self.send.try_send_request(req)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.send.is_closed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.send.is_ready()
+    }
+}
 
 /// Why a replica could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +94,11 @@ pub(crate) enum ConnectError {
     },
 }
 
-/// The idle connections of one replica, newest last.
-#[derive(Default)]
+/// The idle connections of one replica, one stack per data-plane thread, newest last.
 pub(crate) struct IdleConns {
-    stack: Mutex<Vec<(Conn, Instant)>>,
+    stacks: Box<[Mutex<Vec<(Conn, Instant)>>]>,
+    /// Idle connections kept per stack at most.
+    max_idle: usize,
     connecting: AtomicUsize,
     /// Requests waiting in [`Self::acquire`] for a connection to come back.
     waiting: AtomicUsize,
@@ -65,12 +109,32 @@ pub(crate) struct IdleConns {
 
 impl std::fmt::Debug for IdleConns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.stack.lock().map_or(0, |s| s.len());
+        let n: usize = self
+            .stacks
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.len()))
+            .sum();
         f.debug_struct("IdleConns").field("idle", &n).finish()
     }
 }
 
 impl IdleConns {
+    /// Idle connections for `threads` data-plane threads (at least one stack).
+    pub(crate) fn new(threads: usize) -> Self {
+        let threads = threads.max(1);
+        Self {
+            stacks: (0..threads).map(|_| Mutex::new(Vec::new())).collect(),
+            max_idle: (MAX_IDLE_PER_REPLICA / threads).max(1),
+            connecting: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn stack(&self, thread: usize) -> &Mutex<Vec<(Conn, Instant)>> {
+        &self.stacks[thread % self.stacks.len()]
+    }
+
     /// A connection for one request: an idle one, a new one, or, while the most
     /// connects are under way, the first one to come back. `true` when it was pooled.
     pub(crate) async fn acquire(
@@ -78,7 +142,8 @@ impl IdleConns {
         addr: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<(Conn, bool), ConnectError> {
-        if let Some(conn) = self.checkout() {
+        let here = WORKER.get();
+        if let Some(conn) = self.checkout(here) {
             return Ok((conn, true));
         }
         loop {
@@ -88,7 +153,7 @@ impl IdleConns {
             if slot.granted {
                 let result = connect(addr, connect_timeout).await;
                 drop(slot);
-                return result.map(|conn| (conn, false));
+                return result.map(|send| (Conn { send, home: here }, false));
             }
             drop(slot);
             // Announce the wait before looking again: a checkin that pushes after this
@@ -97,14 +162,14 @@ impl IdleConns {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Some(conn) = self.checkout() {
+            if let Some(conn) = self.checkout_any(here) {
                 return Ok((conn, true));
             }
             if self.connecting.load(Ordering::SeqCst) < MAX_CONNECTING_PER_REPLICA {
                 continue;
             }
             changed.await;
-            if let Some(conn) = self.checkout() {
+            if let Some(conn) = self.checkout_any(here) {
                 return Ok((conn, true));
             }
         }
@@ -116,10 +181,16 @@ impl IdleConns {
         }
     }
 
-    /// The most recently used idle connection that is ready, if any. Closed ones are
-    /// dropped; one still finishing its last exchange is left for later.
-    fn checkout(&self) -> Option<Conn> {
-        let mut stack = self.stack.lock().ok()?;
+    /// An idle connection of any thread, this one's first.
+    fn checkout_any(&self, here: usize) -> Option<Conn> {
+        let n = self.stacks.len();
+        (0..n).find_map(|i| self.checkout(here + i))
+    }
+
+    /// The most recently used idle connection of `thread` that is ready, if any. Closed
+    /// ones are dropped; one still finishing its last exchange is left for later.
+    fn checkout(&self, thread: usize) -> Option<Conn> {
+        let mut stack = self.stack(thread).lock().ok()?;
         let mut i = stack.len();
         while i > 0 {
             i -= 1;
@@ -138,7 +209,7 @@ impl IdleConns {
         if conn.is_closed() {
             return;
         }
-        let Ok(mut stack) = self.stack.lock() else {
+        let Ok(mut stack) = self.stack(conn.home).lock() else {
             return;
         };
         let stale = stack
@@ -146,7 +217,7 @@ impl IdleConns {
             .take_while(|(_, since)| now.saturating_duration_since(*since) > idle_timeout)
             .count();
         stack.drain(..stale);
-        if stack.len() < MAX_IDLE_PER_REPLICA {
+        if stack.len() < self.max_idle {
             stack.push((conn, now));
         }
         drop(stack);
@@ -198,7 +269,10 @@ impl Drop for Waiting<'_> {
 }
 
 /// Opens a new connection and spawns the task that drives it.
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<SendRequest<UpstreamBody>, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
