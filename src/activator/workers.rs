@@ -7,8 +7,9 @@
 //! tasks (the client connection, the replica connection's driver, the wake-ups between
 //! them) that a work-stealing scheduler spreads over cores, with the cross-core
 //! wake-ups, shared run queues and cache traffic that go with it. Measured with the
-//! harness at c=64 on 2 cores (`zeroscale-bench`), the same code took about a fifth less
-//! CPU per request on single-threaded runtimes. The control plane (watches, the admin
+//! harness at c=64 on 2 shared cores, the same code took about 6% less CPU per request
+//! this way (20% less on a single thread serving everything, which cannot use a
+//! second core); BENCHMARKS.md has the figures. The control plane (watches, the admin
 //! endpoint, the autoscaler in `dev`) stays on the process's runtime, which also
 //! accepts connections and hands each to the thread with the fewest open (no
 //! SO_REUSEPORT: a second process could then bind the same port and silently take half
