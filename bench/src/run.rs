@@ -245,7 +245,7 @@ pub fn main(args: Args) -> Result<()> {
             "data path: 4 targets, about {:?} of load",
             datapath::expected_duration(&settings, 4)
         ));
-        let counting = (!skip("instructions")).then(|| CountSettings {
+        let counting = (!skip("instructions")).then_some(CountSettings {
             warmup_requests: args.count_warmup,
             requests: args.count_requests,
             concurrency: args.count_concurrency,

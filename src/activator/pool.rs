@@ -94,9 +94,12 @@ pub(crate) enum ConnectError {
     },
 }
 
-/// The idle connections of one replica, one stack per data-plane thread, newest last.
+/// Idle connections with when each came back, newest last.
+type Stack = Mutex<Vec<(Conn, Instant)>>;
+
+/// The idle connections of one replica, one stack per data-plane thread.
 pub(crate) struct IdleConns {
-    stacks: Box<[Mutex<Vec<(Conn, Instant)>>]>,
+    stacks: Box<[Stack]>,
     /// Idle connections kept per stack at most.
     max_idle: usize,
     connecting: AtomicUsize,
@@ -131,7 +134,7 @@ impl IdleConns {
         }
     }
 
-    fn stack(&self, thread: usize) -> &Mutex<Vec<(Conn, Instant)>> {
+    fn stack(&self, thread: usize) -> &Stack {
         &self.stacks[thread % self.stacks.len()]
     }
 
