@@ -318,7 +318,7 @@ async fn a_template_the_api_server_refuses_is_reported_on_the_status() {
     let mut operator = run_operator(&ns.name, &activator);
     let mut f = hello(&ns.name);
     // Container names must be DNS labels; only the API server says so.
-    f.spec.template.0["spec"]["containers"][0]["name"] = json!("Not_A_Label");
+    f.spec.template.as_mut().unwrap().0["spec"]["containers"][0]["name"] = json!("Not_A_Label");
     apply_function(&client, &f).await;
     let functions: Api<Function> = Api::namespaced(client.clone(), &ns.name);
     let ready = eventually("Ready=False InvalidSpec", || async {

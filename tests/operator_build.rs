@@ -267,7 +267,8 @@ fn the_serving_container_drains_through_the_activators_before_it_stops() {
 
     // The user's own grace period and request timeout are what it adds up from.
     let mut f = hello();
-    f.spec.template.0["spec"]["terminationGracePeriodSeconds"] = serde_json::json!(5);
+    f.spec.template.as_mut().unwrap().0["spec"]["terminationGracePeriodSeconds"] =
+        serde_json::json!(5);
     f.spec.timeouts = Some(zeroscale::api::TimeoutsSpec {
         activation: None,
         request: Some("20s".into()),
@@ -281,7 +282,7 @@ fn the_serving_container_drains_through_the_activators_before_it_stops() {
 #[test]
 fn a_preexisting_pre_stop_is_kept_and_no_activator_address_means_no_hook() {
     let mut f = hello();
-    f.spec.template.0["spec"]["containers"][0]["lifecycle"] =
+    f.spec.template.as_mut().unwrap().0["spec"]["containers"][0]["lifecycle"] =
         serde_json::json!({"preStop": {"exec": {"command": ["/bin/drain"]}}});
     let d = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators()))
         .unwrap()
@@ -447,7 +448,7 @@ fn drift_is_seen_and_server_defaults_are_not() {
 
     // The user removed something from the spec: the applied hash differs.
     let mut f2 = hello();
-    f2.spec.template.0["spec"]["containers"][0]
+    f2.spec.template.as_mut().unwrap().0["spec"]["containers"][0]
         .as_object_mut()
         .unwrap()
         .remove("readinessProbe");
@@ -561,7 +562,7 @@ fn startup_failures_carry_the_kubelet_message() {
         ),
     ];
     for (p, reason, message) in cases {
-        let active = status::active(Some(&d), &[&p], None);
+        let active = status::active(Some(&workload(&d)), &[&p], None);
         assert!(!active.status);
         assert_eq!(active.reason, reason);
         assert!(active.message.contains(message), "{}", active.message);
@@ -569,14 +570,18 @@ fn startup_failures_carry_the_kubelet_message() {
         // A Function that cannot start is not Ready either (GitOps health).
         assert!(!status::ready(&[], &active).status);
     }
-    let stuck = status::active(Some(&deployment(1, 0, true)), &[], None);
+    let stuck = status::active(Some(&workload(&deployment(1, 0, true))), &[], None);
     assert_eq!(stuck.reason, "ProgressDeadlineExceeded");
     assert!(stuck.message.contains("timed out progressing"));
 }
 
+fn workload(d: &Deployment) -> status::WorkloadStatus {
+    d.into()
+}
+
 #[test]
 fn scaled_to_zero_is_ready_and_not_a_failure() {
-    let active = status::active(Some(&deployment(0, 0, false)), &[], None);
+    let active = status::active(Some(&workload(&deployment(0, 0, false))), &[], None);
     assert_eq!(
         (active.status, active.reason.as_str()),
         (false, "ScaledToZero")
@@ -585,27 +590,31 @@ fn scaled_to_zero_is_ready_and_not_a_failure() {
     let ready = status::ready(&[], &active);
     assert!(ready.status, "Ready is true at zero");
 
-    let waking = status::active(Some(&deployment(1, 0, false)), &[&pod(None, None)], None);
+    let waking = status::active(
+        Some(&workload(&deployment(1, 0, false))),
+        &[&pod(None, None)],
+        None,
+    );
     assert_eq!(
         (waking.status, waking.reason.as_str()),
         (false, "Activating")
     );
-    let up = status::active(Some(&deployment(2, 2, false)), &[], None);
+    let up = status::active(Some(&workload(&deployment(2, 2, false))), &[], None);
     assert_eq!((up.status, up.reason.as_str()), (true, "Active"));
     // Ready replicas win over a failing one: requests are still served...
     let failing = pod(Some(("CrashLoopBackOff", "back-off restarting")), None);
     let d = deployment(2, 1, false);
-    let some = status::active(Some(&d), &[&failing], None);
+    let some = status::active(Some(&workload(&d)), &[&failing], None);
     assert!(some.status);
     // ...but the stuck rollout shows on Ready, as GitOps health checks expect.
-    let stuck = status::startup_failure(Some(&d), &[&failing]).unwrap();
+    let stuck = status::startup_failure(Some(&workload(&d)), &[&failing]).unwrap();
     let ready = status::ready(&[Blocker::RolloutFailing(stuck)], &some);
     assert_eq!((ready.status, ready.reason.as_str()), (false, "CrashLoop"));
 }
 
 #[test]
 fn ready_reports_invalid_specs_and_host_conflicts() {
-    let idle = status::active(Some(&deployment(0, 0, false)), &[], None);
+    let idle = status::active(Some(&workload(&deployment(0, 0, false))), &[], None);
     let r = status::ready(
         &[Blocker::InvalidSpec(
             "spec.scale.min: must not exceed spec.scale.max (5 > 2)".into(),
@@ -630,9 +639,9 @@ fn transition_time_moves_only_when_the_status_flips() {
     let mut f = hello();
     let t0 = Time(jiff::Timestamp::from_second(1_700_000_000).unwrap());
     let t1 = Time(jiff::Timestamp::from_second(1_700_000_100).unwrap());
-    let idle = status::active(Some(&deployment(0, 0, false)), &[], None);
+    let idle = status::active(Some(&workload(&deployment(0, 0, false))), &[], None);
     let ready = status::ready(&[], &idle);
-    let s0 = status::operator_status(&f, "cluster.local", None, &ready, &idle, t0.clone());
+    let s0 = status::operator_status(&f, "cluster.local", None, None, &ready, &idle, t0.clone());
     assert_eq!(s0.url, "http://hello.default.svc.cluster.local");
     assert_eq!(s0.observed_generation, Some(3));
     f.status = Some(zeroscale::api::FunctionStatus {
@@ -645,15 +654,16 @@ fn transition_time_moves_only_when_the_status_flips() {
     });
     assert!(status::status_up_to_date(&f, &s0));
     // Same statuses later: nothing changes, no write needed.
-    let s1 = status::operator_status(&f, "cluster.local", None, &ready, &idle, t1.clone());
+    let s1 = status::operator_status(&f, "cluster.local", None, None, &ready, &idle, t1.clone());
     assert_eq!(s1, s0);
     assert!(status::status_up_to_date(&f, &s1));
     // Active flips to True: its transition time moves, Ready's does not.
-    let up = status::active(Some(&deployment(1, 1, false)), &[], None);
+    let up = status::active(Some(&workload(&deployment(1, 1, false))), &[], None);
     let s2 = status::operator_status(
         &f,
         "cluster.local",
-        Some(&deployment(1, 1, false)),
+        Some(&workload(&deployment(1, 1, false))),
+        None,
         &ready,
         &up,
         t1.clone(),

@@ -132,6 +132,8 @@ fn harness() -> Harness {
         metrics: Metrics::new(&registry).unwrap(),
         slice_limiter: RateLimiter::new(1000),
         failures: Default::default(),
+        targets: Default::default(),
+        fights: Default::default(),
     });
     Harness {
         api,
@@ -377,7 +379,7 @@ async fn an_activator_rollout_rewrites_only_the_slice() {
 async fn image_pull_failure_lands_on_the_active_condition() {
     let mut h = harness();
     let mut f = hello();
-    f.spec.template.0["spec"]["containers"][0]["image"] = json!("nope:1");
+    f.spec.template.as_mut().unwrap().0["spec"]["containers"][0]["image"] = json!("nope:1");
     h.store_function(&f);
     h.reconcile(&f).await.unwrap();
     let f = h.sync_caches(&f);

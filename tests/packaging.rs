@@ -222,7 +222,9 @@ fn check_document(doc: &Value) -> Result<(), String> {
         }
         ("zeroscale.dev/v1alpha1", "Function") => {
             let function: Function = decode(doc)?;
-            function.spec.template.parse().map_err(|e| e.to_string())?;
+            if let Some(template) = &function.spec.template {
+                template.parse().map_err(|e| e.to_string())?;
+            }
             FunctionConfig::resolve(&function.spec, &Defaults::default())
                 .map(|_| ())
                 .map_err(|e| e.to_string())

@@ -15,12 +15,10 @@ use crate::api::{FunctionSpec, PodTemplate};
 /// at 70%, window 60s, panic 10% / 200%, idle 30s, max 10).
 pub fn default_scale_config() -> Result<ScaleConfig, ValidationErrors> {
     let spec = FunctionSpec {
-        template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
-        port: None,
-        hosts: vec![],
-        scale: None,
-        timeouts: None,
-        queue: None,
+        template: Some(PodTemplate(
+            serde_json::json!({"spec": {"containers": [{"name": "app"}]}}),
+        )),
+        ..FunctionSpec::default()
     };
     FunctionConfig::resolve(&spec, &Defaults::default()).map(|c| c.scale)
 }

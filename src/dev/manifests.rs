@@ -324,7 +324,7 @@ impl Watcher {
                 Ok(Applied::Unchanged) => {
                     self.applied.insert(key, (function, file));
                 }
-                Err(ApplyError::Invalid(e)) => {
+                Err(e @ (ApplyError::Invalid(_) | ApplyError::Unsupported(_))) => {
                     let (document, kept) = match sources.get(&key) {
                         Some((_, d)) => (Some(*d), self.applied.contains_key(&key)),
                         None => (None, false),

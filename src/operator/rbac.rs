@@ -255,12 +255,8 @@ mod tests {
             let mut f = crate::api::Function::new(
                 "hello",
                 crate::api::FunctionSpec {
-                    template: crate::api::PodTemplate::default(),
-                    port: None,
-                    hosts: vec![],
-                    scale: None,
-                    timeouts: None,
-                    queue: None,
+                    template: Some(crate::api::PodTemplate::default()),
+                    ..crate::api::FunctionSpec::default()
                 },
             );
             f.metadata.uid = Some("uid".into());
