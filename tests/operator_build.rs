@@ -764,3 +764,118 @@ fn an_ipv6_only_cluster_gets_an_ipv6_slice() {
     assert_eq!(aggregate([&v6, &v4]).address_type, "IPv4");
     assert_eq!(aggregate([&v6, &v4]).endpoints.len(), 1);
 }
+
+/// The documents of examples/existing-deployment.yaml: the user's Deployment, their
+/// Service, and the Function pointing at the Deployment.
+fn existing_deployment_example() -> (Deployment, k8s_openapi::api::core::v1::Service, Function) {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/existing-deployment.yaml"
+    ))
+    .unwrap();
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .collect();
+    let mut deployment: Deployment = serde_json::from_value(docs[0].clone()).unwrap();
+    deployment.metadata.uid = Some("d-uid".into());
+    deployment.spec.as_mut().unwrap().replicas = Some(1);
+    let service = serde_json::from_value(docs[1].clone()).unwrap();
+    let mut function: Function = serde_json::from_value(docs[2].clone()).unwrap();
+    function.metadata.uid = Some("f-uid".into());
+    function.metadata.generation = Some(1);
+    (deployment, service, function)
+}
+
+#[test]
+fn a_target_function_routes_to_the_targets_pods_and_owns_only_its_routing() {
+    use zeroscale::operator::build::{PORT_NAME, SERVICE_LABEL};
+    use zeroscale::operator::target::{RECORD_ANNOTATION, Record, TargetObject};
+    let (deployment, user_service, f) = existing_deployment_example();
+    let c = config(&f);
+    let target = TargetObject::Deployment(deployment);
+    let selector = target.selector().unwrap();
+    let record = Record::take(
+        &target,
+        jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+    );
+    let routing =
+        build::build_target(&f, &c, Some((&selector, &record)), Some(&activators())).unwrap();
+
+    // The private Service selects the target's pods by the target's own selector: the
+    // same pods the user's Service selects.
+    let private = &routing.private_service;
+    assert_eq!(private.metadata.name.as_deref(), Some("web-lazy-private"));
+    let spec = private.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(
+        spec.selector.as_ref(),
+        user_service.spec.as_ref().unwrap().selector.as_ref()
+    );
+    let port = &spec.ports.as_ref().unwrap()[0];
+    assert_eq!(port.name.as_deref(), Some(PORT_NAME));
+    assert_eq!(
+        (port.port, port.target_port.clone()),
+        (8080, Some(IntOrString::Int(8080)))
+    );
+    // Labelled like a template Function's: the EndpointSlice controller copies these to
+    // the slices the activators find the replicas by.
+    let l = labels(&private.metadata);
+    assert_eq!(l.get(FUNCTION_LABEL).map(String::as_str), Some("web-lazy"));
+    assert_eq!(l.get(SERVICE_LABEL).map(String::as_str), Some("private"));
+    // It remembers what the target had, to give it back.
+    let recorded = private.metadata.annotations.as_ref().unwrap()[RECORD_ANNOTATION].clone();
+    let back: Record = serde_json::from_str(&recorded).unwrap();
+    assert_eq!(
+        (back.kind.as_str(), back.name.as_str()),
+        ("Deployment", "web")
+    );
+    assert_eq!((back.uid.as_str(), back.original_replicas), ("d-uid", 1));
+
+    // Every object is the Function's own (garbage collection), none is the target.
+    for meta in [
+        &routing.private_service.metadata,
+        &routing.public_service.metadata,
+        &routing.activator_slice.as_ref().unwrap().metadata,
+    ] {
+        let owners = meta.owner_references.as_ref().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].uid.as_str()),
+            ("Function", "f-uid")
+        );
+    }
+    let public = routing.public_service.spec.as_ref().unwrap();
+    assert!(public.selector.is_none(), "clients reach the activators");
+    assert_eq!(
+        routing.activator_slice.as_ref().unwrap().endpoints.len(),
+        2,
+        "the slice points at the activators"
+    );
+
+    // Not holding the target (missing, refused, another Function has it): the private
+    // Service selects nothing and records nothing, so no replica is routed to.
+    let idle = build::build_target(&f, &c, None, Some(&activators())).unwrap();
+    assert!(
+        idle.private_service
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .is_none()
+    );
+    assert!(
+        !idle
+            .private_service
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key(RECORD_ANNOTATION)
+    );
+    assert!(
+        !up_to_date(&idle.private_service, Some(&routing.private_service)),
+        "taking or giving back the target is a change to apply"
+    );
+    assert_eq!(idle.public_service, routing.public_service);
+}
