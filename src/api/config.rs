@@ -185,7 +185,7 @@ impl std::fmt::Display for ScaleTarget {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Workload {
     /// Its own pods from `spec.template` (decoded): zeroscale owns their Deployment.
-    Template(PodTemplateSpec),
+    Template(Box<PodTemplateSpec>),
     /// Someone else's Deployment or StatefulSet, only scaled.
     Target(ScaleTarget),
 }
@@ -533,7 +533,7 @@ impl FunctionConfig {
         let panic_window = window.mul_f64(f64::from(panic_window_percent) / 100.0);
         let workload = match scale_target {
             Some(t) => Workload::Target(t),
-            None => Workload::Template(template),
+            None => Workload::Template(Box::new(template)),
         };
         Ok(FunctionConfig {
             workload,
