@@ -49,7 +49,7 @@ bench:
 
 ## Real-cluster suite against the cluster in KUBECONFIG (skipped when none).
 e2e:
-	$(CARGO) test --test e2e_cluster -- --ignored --test-threads=1
+	$(CARGO) test --test e2e_cluster --test e2e_standin -- --ignored --test-threads=1
 
 ## The container image (see Dockerfile). DOCKER=podman works too.
 DOCKER ?= docker

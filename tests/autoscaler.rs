@@ -223,6 +223,196 @@ fn standard_traces_run_and_summarize() {
     assert_eq!(step.summary.time_to_zero, Some(Duration::from_secs(30)));
 }
 
+/// A load that sits at a replica boundary: the count it must hold.
+struct Hold {
+    name: &'static str,
+    /// The Function's `scale`.
+    scale: &'static str,
+    trace: Trace,
+    /// From this second (a tick) to the end of the trace the count is `count`.
+    from: u32,
+    count: u32,
+    /// Changes of the asked-for count over the whole run; the wake is one.
+    changes: u32,
+}
+
+/// `seconds` of `level` jittering by up to ±5%, after 5s of quiet.
+fn jitter(level: f64, seconds: usize, seed: u64) -> Vec<f64> {
+    let mut seed = seed;
+    let load = (0..seconds).map(|_| level * (1.0 + 0.05 * noise(&mut seed)));
+    std::iter::repeat_n(0.0, 5).chain(load).collect()
+}
+
+#[test]
+fn a_load_at_a_replica_boundary_holds_a_constant_count() {
+    let boundary = "{target: 1, utilization: 100, window: 6s}";
+    let cases = [
+        Hold {
+            name: "one client at target 1, sometimes measured a hair over",
+            scale: boundary,
+            trace: Trace::one_client("one client", 600),
+            from: 6,
+            count: 1,
+            changes: 1,
+        },
+        Hold {
+            name: "one client, every request 2 ms over: 1.01 in flight, 2 in 1 of 100 ticks",
+            scale: boundary,
+            trace: Trace::one_client("one client", 600).with_overlap(Duration::from_millis(2), 1.0),
+            from: 6,
+            count: 1,
+            changes: 1,
+        },
+        Hold {
+            name: "one client, every request 20 ms over: 10% over, 2 in flight in 1 of 10 ticks",
+            scale: boundary,
+            trace: Trace::one_client("one client", 600)
+                .with_overlap(Duration::from_millis(20), 1.0),
+            from: 6,
+            count: 1,
+            changes: 1,
+        },
+        Hold {
+            name: "one client at target 1, 60s window",
+            scale: "{target: 1, utilization: 100}",
+            trace: Trace::one_client("one client", 600),
+            from: 6,
+            count: 1,
+            changes: 1,
+        },
+        Hold {
+            name: "1 in flight ±5%",
+            scale: boundary,
+            trace: Trace::concurrency("jitter", jitter(1.0, 600, 1)),
+            from: 6,
+            count: 1,
+            changes: 1,
+        },
+        Hold {
+            name: "3 in flight ±5%",
+            scale: boundary,
+            trace: Trace::concurrency("jitter", jitter(3.0, 600, 2)),
+            from: 30,
+            count: 3,
+            // Woken into panic at 4 (3.1 in flight before a replica is ready), back to 3.
+            changes: 2,
+        },
+        Hold {
+            name: "8 in flight ±5%, overlapping requests",
+            scale: boundary,
+            trace: Trace::concurrency("jitter", jitter(8.0, 600, 3))
+                .with_overlap(Duration::from_millis(2), 1.0),
+            // Measured 2% over 8: 9 until the stable mean first dips to 8.
+            from: 60,
+            count: 8,
+            changes: 3,
+        },
+        Hold {
+            name: "35 in flight ±5% at the defaults (5 replicas of 7)",
+            scale: "{}",
+            trace: Trace::concurrency("jitter", jitter(35.0, 600, 4)),
+            from: 90,
+            count: 5,
+            changes: 3,
+        },
+    ];
+    let mut failures = Vec::new();
+    for case in &cases {
+        let tl = simulate::run(&config(case.scale), &case.trace);
+        let off: Vec<_> = tl
+            .points
+            .iter()
+            .filter(|p| p.at >= case.from && p.desired != case.count)
+            .map(|p| (p.at, p.desired, p.reason.clone()))
+            .take(3)
+            .collect();
+        if !off.is_empty() || tl.summary.scale_changes != case.changes {
+            failures.push(format!(
+                "{}: {} changes (want {}); not {} at {:?}",
+                case.name, tl.summary.scale_changes, case.changes, case.count, off
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// (second of a decrease, the count before, after) for every decrease to a count
+/// above zero within `window` of the last increase.
+fn scale_downs_undoing_a_rise(tl: &simulate::Timeline, window: Duration) -> Vec<(u32, u32, u32)> {
+    let mut raised_at = None;
+    let mut found = Vec::new();
+    for pair in tl.points.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        if after.desired > before.desired {
+            raised_at = Some(after.at);
+        } else if after.desired < before.desired
+            && after.desired > 0
+            && raised_at.is_some_and(|r| u64::from(after.at - r) < window.as_secs())
+        {
+            found.push((after.at, before.desired, after.desired));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_scale_down_waits_a_stable_window_after_each_scale_up() {
+    // Two seconds of 3.9 in flight over a steady 2 (not enough for panic at 2
+    // replicas), then a drop to 0.5: the stable mean crosses 2.2 (up to 3) and falls
+    // back under 2 four seconds later. The 3 hold a full window, then go.
+    let step = Trace::concurrency(
+        "step up then down",
+        [
+            Trace::constant(2.0, 60),
+            Trace::constant(3.9, 2),
+            Trace::constant(0.5, 60),
+        ]
+        .concat(),
+    )
+    .with_startup(Duration::ZERO);
+    let cfg = config("{target: 1, utilization: 100, window: 6s}");
+    let tl = simulate::run(&cfg, &step);
+    let rise = tl
+        .points
+        .iter()
+        .find(|p| p.at > 60 && p.desired == 3)
+        .expect("the step raises the count to 3");
+    let down = tl
+        .points
+        .iter()
+        .find(|p| p.at > rise.at && p.desired < 3)
+        .expect("and it comes down again");
+    assert_eq!(
+        down.at - rise.at,
+        6,
+        "a full window after the rise: {down:?}"
+    );
+    assert_eq!(tl.points.last().expect("points").desired, 1);
+
+    // And no trace here or of the benchmark scales down within a window of a rise.
+    let boundary = simulate::boundary_scale_config().expect("valid");
+    let mut runs = vec![
+        (step.name.clone(), cfg.clone(), tl),
+        (
+            "boundary".into(),
+            boundary.clone(),
+            simulate::run(&boundary, &simulate::boundary_trace()),
+        ),
+    ];
+    let defaults = config("{}");
+    for trace in simulate::standard_traces() {
+        runs.push((
+            trace.name.clone(),
+            defaults.clone(),
+            simulate::run(&defaults, &trace),
+        ));
+    }
+    for (name, cfg, tl) in &runs {
+        let undone = scale_downs_undoing_a_rise(tl, cfg.window);
+        assert!(undone.is_empty(), "{name}: {undone:?}");
+    }
+}
+
 mod scaler_loop {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -45,6 +45,8 @@ enum Command {
     Run(run::Args),
     /// Render the markdown of a JSON results file again (or put it into BENCHMARKS.md).
     Report(report::Args),
+    /// Print the autoscaler table alone: simulated time, deterministic, no processes.
+    Autoscaler,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Memory(args) => memory::main(args),
         Command::Run(args) => run::main(args),
         Command::Report(args) => report::main(args),
+        Command::Autoscaler => autoscale::main(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

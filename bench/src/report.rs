@@ -1,7 +1,7 @@
 //! The markdown report of a run and the goals it is judged against (from the issue):
 //! activator throughput at least nginx's and p99 no worse than nginx's at concurrency
 //! 64; at most 5 ms of zeroscale's own cold-start share; at most 2 KiB of activator
-//! memory per registered Function.
+//! memory per registered Function; and no autoscaler flapping at the boundary load.
 
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -168,6 +168,27 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             None => missing("activator memory <= 2 KiB per registered Function (10,000)"),
         },
     );
+
+    const BOUNDARY: &str = "autoscaler: no scale change after the wake at the boundary load";
+    let boundary = results
+        .autoscaler
+        .as_ref()
+        .and_then(|a| a.traces.iter().find(|t| t.trace == "boundary"));
+    goals.push(match boundary {
+        Some(t) => {
+            let flaps = t.scale_changes.saturating_sub(t.wakes);
+            Goal {
+                goal: BOUNDARY.into(),
+                measured: format!(
+                    "{flaps} changes after the wake in {} s (one client at target 1, simulated)",
+                    t.seconds
+                ),
+                met: Some(flaps == 0),
+                margin: format!("{} changes", -i64::from(flaps)),
+            }
+        }
+        None => missing(BOUNDARY),
+    });
     goals
 }
 

@@ -18,6 +18,7 @@ mod balancer;
 pub mod drain;
 mod error;
 mod gate;
+pub mod lameduck;
 mod pool;
 mod proxy;
 mod routing;
@@ -90,6 +91,14 @@ pub struct Config {
     /// Time a client has to send its request head (e.g. `10s`).
     #[arg(long, env = "ZEROSCALE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
     pub header_read_timeout: Duration,
+    /// This pod's IP (`status.podIP`). With it, a stopping activator keeps serving new
+    /// connections until no Function's routing lists it any more (see `lameduck`).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// Longest a stopping activator keeps accepting connections while Functions' routing
+    /// still points at it (e.g. `5m`); the in-flight drain comes after.
+    #[arg(long, env = "ZEROSCALE_LAME_DUCK_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
+    pub lame_duck_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown (e.g. `30s`).
     #[arg(long, env = "ZEROSCALE_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
     pub drain_timeout: Duration,
@@ -131,6 +140,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
     };
     let client = kube::Client::try_default().await?;
     let namespace = (!config.namespace.is_empty()).then(|| config.namespace.clone());
+    let lame_duck = (client.clone(), namespace.clone());
     let platform = Arc::new(crate::platform::kube::KubePlatform::new(
         client.clone(),
         namespace,
@@ -170,10 +180,24 @@ pub async fn run(config: Config) -> crate::Result<()> {
     }
     {
         let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
+        let (pod_ip, limit) = (config.pod_ip, config.lame_duck_timeout);
         tokio::spawn(async move {
             telemetry::shutdown_signal().await;
-            // Fail readiness first so endpoints stop sending, then stop accepting.
+            // Fail readiness first so endpoints stop sending, keep serving while routing
+            // still points here, then stop accepting and drain.
             readiness.set(false);
+            match pod_ip {
+                Some(ip) => {
+                    let (client, namespace) = lame_duck;
+                    tokio::select! {
+                        _ = lameduck::wait_until_unrouted(client, namespace.as_deref(), ip, limit) => {}
+                        _ = telemetry::shutdown_signal() => info!("second signal: stopping now"),
+                    }
+                }
+                None => warn!(
+                    "no --pod-ip: stopping without waiting for routing to drop this activator"
+                ),
+            }
             shutdown.cancel();
         });
     }

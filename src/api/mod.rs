@@ -280,7 +280,9 @@ pub struct ScaleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10000))]
     pub container_concurrency: Option<i32>,
-    /// The stable window the load is averaged over (6s to 1h). Default 60s.
+    /// The stable window the load is averaged over (6s to 1h); a replica count, once
+    /// raised, holds at least this long before a scale-down (idle to zero excepted).
+    /// Default 60s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub window: Option<String>,

@@ -19,27 +19,56 @@
 //!    `ceil(r x maxScaleUpRate)` (1000) and at least `floor(r / maxScaleDownRate)` (2).
 //!    The bounds never push against the direction of travel: replicas still starting
 //!    do not cause a scale-down through the up-rate bound. Outside panic the count
-//!    follows `stable_pods`, but a scale-down stops at what the mean of the panic window
-//!    needs, so a stable average that lags a rising load never removes capacity.
-//! 3. **Panic.** Entered when `panic / per_replica >= panicThreshold x r` (200%): the
-//!    load needs at least twice the ready capacity. In panic the count only grows
-//!    (the largest `panic_pods` seen, starting from the current count); panic ends
-//!    after a full stable window in which the threshold was not reached again.
-//! 4. **Idle.** A Function is active at a tick when requests arrived since the last
+//!    follows `stable_pods` within the tolerance band (3.), but a scale-down stops at
+//!    what the mean of the panic window needs, so a stable average that lags a rising
+//!    load never removes capacity.
+//! 3. **Hysteresis.** A load sitting at a replica boundary holds the count still; the
+//!    three rules below each remove one way it could flap (issue 12: one client at
+//!    `target: 1` went 1 -> 2 -> 1 every few seconds).
+//!    - *Tolerance band.* Outside panic a scale-up needs, besides `stable_pods >
+//!      current`, the stable or the panic window's demand more than [`TOLERANCE`]
+//!      (10%, the HPA's default) over the current capacity: above `current x 1.1`
+//!      replicas' worth. A scale-down needs the demand to fit the lower count, as
+//!      before. A demand that stays in `(current - 1, current x 1.1]`, stable and
+//!      recent, keeps `current`: a load exactly at the target that the activator
+//!      measures a hair above it (it counts each request a few ms past the replica's
+//!      answer), or one jittering ±5% around it, neither adds a replica for the hair
+//!      nor sheds one for the dip. A rising load leaves the band in the panic window
+//!      long before its stable mean crosses the boundary, so it scales up about as early
+//!      as without the band, and then to `stable_pods` in full.
+//!    - *Snapshot margin.* The requests in flight and queued right now enter panic
+//!      (and keep it) only if one request fewer would still reach the threshold. A
+//!      snapshot can catch a closed-loop client twice (its next request arrives while
+//!      the activator still counts the previous one), so `c` clients exactly at the
+//!      target can show `2c` in flight for a few ms: the 200% threshold of their `c`
+//!      replicas. A real step still panics in the tick it starts (40 in flight is over
+//!      with 39 just as well), and once in panic the full count sizes it.
+//!    - *A rise holds for a stable window.* After the count rises (a decision, panic,
+//!      a wake or anyone else's change) it does not decrease until a full `window`
+//!      later, idle -> zero excepted: a scale-down is backed by a stable window of
+//!      samples all taken after the rise, Knative's "scale down only when the whole
+//!      window agrees". No scale-down undoes a scale-up the averages have not
+//!      confirmed, and a Function goes up and back down at most once per window.
+//! 4. **Panic.** Entered when `panic / per_replica >= panicThreshold x r` (200%; the
+//!    snapshot with its margin of 3.): the load needs at least twice the ready
+//!    capacity. In panic the count only grows (the largest `panic_pods` seen,
+//!    starting from the current count); panic ends after a full stable window in which
+//!    the threshold was not reached again.
+//! 5. **Idle.** A Function is active at a tick when requests arrived since the last
 //!    tick or any are in flight or queued. After `idleTimeout` (30s) without activity
 //!    (counted from the last activity, from a wake 0 -> N by the activator, or from the
 //!    first time the decider saw the Function) the count is 0 at once (no rate bound)
 //!    and the windows and panic mode are cleared, so a wake after the silence starts
 //!    from fresh load; before that the count is at least 1. At zero the Function stays
 //!    at zero unless requests are in flight or queued, then it gets at least `initial`.
-//! 5. **Scale-down delay.** The count is the largest one decided within the last
+//! 6. **Scale-down delay.** The count is the largest one decided within the last
 //!    `scaleDownDelay` (0s), so a scale-down happens only once the lower count has held
 //!    that long (scale-ups are immediate).
-//! 6. **Safety holds.** No decrease while the stats are partial (an activator is slow,
+//! 7. **Safety holds.** No decrease while the stats are partial (an activator is slow,
 //!    failing or restarted: its load is unknown), and no decrease other than idle ->
 //!    zero before the decider has a full stable window of history (a freshly started
 //!    or failed-over operator does not act on a few seconds of data).
-//! 7. **Clamp** to `[min, max]`.
+//! 8. **Clamp** to `[min, max]`.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -48,6 +77,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::api::config::{Metric, ScaleConfig};
+
+/// How far above the current count's capacity the stable demand may sit before a
+/// scale-up, as a fraction (the hysteresis band of the module docs, 3.).
+pub const TOLERANCE: f64 = 0.1;
 
 /// One Function's load in one tick, summed over the activators.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -115,6 +148,10 @@ pub struct Decider {
     panic: Option<Panic>,
     /// (tick, count before the delay) for the last `scale_down_delay`.
     recent: VecDeque<(Instant, u32)>,
+    /// The last tick the count rose: no decrease for a stable window after it.
+    raised_at: Option<Instant>,
+    /// The count the last decision asked for, to tell its own rise from another's.
+    last_desired: Option<u32>,
 }
 
 /// `ceil(x)` that does not turn 7.000000001 into 8.
@@ -196,6 +233,13 @@ impl Decider {
         if self.previous_current == Some(0) && obs.current > 0 {
             self.woken_at = Some(now);
         }
+        // Raised by someone else (a wake, a person): a rise like one of ours. Ours is
+        // recorded when decided, not a tick later when the platform shows it.
+        if self.previous_current.is_some_and(|p| obs.current > p)
+            && self.last_desired != Some(obs.current)
+        {
+            self.raised_at = Some(now);
+        }
         self.previous_current = Some(obs.current);
         if load.new_requests > 0 || load.live() > 0 {
             self.last_active = Some(now);
@@ -222,6 +266,8 @@ impl Decider {
             Metric::Rps => 0.0,
         };
         let panic_load = panic_avg.max(sample).max(instantaneous);
+        // The snapshot with one request to spare (3., snapshot margin).
+        let panic_entry = panic_avg.max(sample).max(instantaneous - 1.0);
 
         // 2. Pods, rate-bounded relative to the ready replicas.
         let base = obs.ready.max(1);
@@ -229,11 +275,20 @@ impl Decider {
         let max_down =
             ((f64::from(base) / cfg.max_scale_down_rate).floor() as u32).min(obs.current);
         let bound = |pods: u32| pods.clamp(max_down, max_up.max(max_down));
-        let stable_pods = bound(ceil_pods(stable / per_replica));
+        let stable_demand = stable / per_replica;
+        let fit = ceil_pods(stable_demand);
+        // 3. Hysteresis, tolerance band: no scale-up while the demand, stable and recent,
+        // is within 10% over the current capacity.
+        let band_top = f64::from(obs.current) * (1.0 + TOLERANCE);
+        let in_band = fit > obs.current
+            && obs.current > 0
+            && stable_demand <= band_top
+            && panic_avg / per_replica <= band_top;
+        let stable_pods = bound(if in_band { obs.current } else { fit });
         let panic_pods = bound(ceil_pods(panic_load / per_replica));
 
-        // 3. Panic.
-        let over = panic_load / per_replica >= cfg.panic_threshold * f64::from(base);
+        // 4. Panic.
+        let over = panic_entry / per_replica >= cfg.panic_threshold * f64::from(base);
         let mut reason = String::new();
         if over {
             match &mut self.panic {
@@ -271,12 +326,21 @@ impl Decider {
             None => {
                 let _ = write!(
                     reason,
-                    "{} {} averaged over {}s / {} per replica: {stable_pods} replicas",
+                    "{} {} averaged over {}s / {} per replica: {} replicas",
                     num(stable),
                     unit(cfg.metric),
                     cfg.window.as_secs(),
-                    num(per_replica)
+                    num(per_replica),
+                    if in_band { fit } else { stable_pods }
                 );
+                if in_band {
+                    let _ = write!(
+                        reason,
+                        "; kept at {}: within {:.0}% over their capacity",
+                        obs.current,
+                        TOLERANCE * 100.0
+                    );
+                }
                 // A scale-down never goes below what the panic window still needs: the
                 // stable average lags a rising load (after a panic on a ramp, say).
                 let recent_pods = bound(ceil_pods(panic_avg / per_replica)).min(obs.current);
@@ -293,7 +357,7 @@ impl Decider {
             }
         };
 
-        // 4. Idle.
+        // 5. Idle.
         let quiet_since = [self.last_active, self.woken_at, Some(first_seen)]
             .into_iter()
             .flatten()
@@ -328,7 +392,7 @@ impl Decider {
             );
         }
 
-        // 5. Scale-down delay.
+        // 6. Scale-down delay.
         if cfg.scale_down_delay.is_zero() {
             self.recent.clear();
         } else {
@@ -358,8 +422,12 @@ impl Decider {
             reason = "at zero with no request waiting".into();
         }
 
-        // 6. Safety holds.
+        // 7. Safety holds, and 3.: a rise holds for a stable window.
         if desired < obs.current {
+            let raised = self
+                .raised_at
+                .map(|t| now.saturating_duration_since(t))
+                .filter(|ago| *ago < cfg.window);
             if load.partial {
                 desired = obs.current;
                 let _ = write!(reason, "; scale-down held: stats of some activator missing");
@@ -370,10 +438,18 @@ impl Decider {
                     "; scale-down held: less than {}s of history",
                     cfg.window.as_secs()
                 );
+            } else if let (false, Some(ago)) = (idle, raised) {
+                desired = obs.current;
+                let _ = write!(
+                    reason,
+                    "; scale-down held: raised {}s ago, within the {}s window",
+                    ago.as_secs(),
+                    cfg.window.as_secs()
+                );
             }
         }
 
-        // 7. Clamp.
+        // 8. Clamp.
         if desired < cfg.min {
             desired = cfg.min;
             let _ = write!(reason, "; min {}", cfg.min);
@@ -382,6 +458,10 @@ impl Decider {
             let _ = write!(reason, "; max {}", cfg.max);
         }
 
+        if desired > obs.current {
+            self.raised_at = Some(now);
+        }
+        self.last_desired = Some(desired);
         Decision {
             desired,
             panic: self.panic.is_some(),
@@ -459,6 +539,102 @@ mod tests {
 
     fn quiet() -> Load {
         Load::default()
+    }
+
+    /// Issue 12's Function: target 1 at 100% (one request in flight is one replica's
+    /// worth), window 6s, panic window 1s.
+    fn boundary() -> ScaleConfig {
+        crate::autoscaler::simulate::boundary_scale_config().expect("valid")
+    }
+
+    #[test]
+    fn one_client_at_the_target_holds_one_replica_even_if_every_snapshot_sees_two() {
+        // The activator's accounting at its worst: every tick measures a hair over one
+        // request in flight, and every snapshot catches a request and its successor.
+        let mut run = Run::new(boundary(), 1);
+        for s in 0..600 {
+            let d = run.step(Load {
+                concurrency: 1.01,
+                rps: 5.0,
+                in_flight: 2,
+                new_requests: 5,
+                ..Load::default()
+            });
+            assert_eq!((d.desired, d.panic), (1, false), "second {s}: {}", d.reason);
+        }
+    }
+
+    #[test]
+    fn the_tolerance_band_keeps_the_count_until_the_demand_is_ten_percent_over() {
+        // (current count, stable demand in replicas' worth, count after a window)
+        let cases = [
+            (1, 1.0, 1),
+            (1, 1.05, 1),
+            (1, 1.09, 1),
+            (1, 1.15, 2),
+            (4, 4.35, 4),
+            (4, 4.5, 5),
+            (4, 3.05, 4),
+            (4, 3.0, 3),
+            (10, 10.9, 10),
+            (10, 11.2, 12),
+            (10, 9.5, 10),
+        ];
+        let mut cfg = boundary();
+        cfg.max = 20;
+        for (current, demand, want) in cases {
+            let mut run = Run::new(cfg.clone(), current);
+            let d = run.steady(demand, 10);
+            assert_eq!(d.desired, want, "{demand} at {current}: {}", d.reason);
+            assert!(!d.panic, "{demand} at {current}: {}", d.reason);
+        }
+        // A rising load is past the band in the panic window (the last second here)
+        // before its stable mean is: it gets the replica as soon as ceil says so.
+        let mut run = Run::new(cfg.clone(), 4);
+        run.steady(4.0, 10);
+        let d = run.step(busy(5.2));
+        assert_eq!(d.desired, 5, "stable 4.2, last second 5.2: {}", d.reason);
+
+        let mut run = Run::new(boundary(), 1);
+        let d = run.steady(1.05, 10);
+        assert!(
+            d.reason
+                .ends_with("2 replicas; kept at 1: within 10% over their capacity"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn the_requests_in_flight_now_enter_panic_only_with_one_to_spare() {
+        // One ready replica of 1: the threshold is 2 in flight.
+        // (in flight now, the last interval's average, panic expected)
+        let cases = [(2, 1.0, false), (3, 1.0, true), (40, 0.5, true)];
+        for (in_flight, concurrency, panic) in cases {
+            let mut run = Run::new(boundary(), 1);
+            run.steady(1.0, 10);
+            let d = run.step(Load {
+                concurrency,
+                in_flight,
+                new_requests: 5,
+                ..Load::default()
+            });
+            assert_eq!(d.panic, panic, "{in_flight} in flight: {}", d.reason);
+            let want = if panic { in_flight.min(10) as u32 } else { 1 };
+            assert_eq!(d.desired, want, "{in_flight} in flight: {}", d.reason);
+        }
+    }
+
+    #[test]
+    fn a_count_raised_holds_for_a_stable_window() {
+        // 2 replicas' worth, a 2s step to 3.9 (no panic at 2 ready), then 0.5: the
+        // stable mean crosses 2.2 at once and is back under 2 after 4s.
+        let mut run = Run::new(boundary(), 2);
+        run.steady(2.0, 10);
+        assert_eq!(run.steady(3.9, 1).desired, 3);
+        let mut seen = vec![run.steady(3.9, 1).desired];
+        seen.extend((0..8).map(|_| run.steady(0.5, 1).desired));
+        assert_eq!(seen, vec![3, 3, 3, 3, 3, 2, 1, 1, 1], "the 3 hold for 6s");
     }
 
     #[test]

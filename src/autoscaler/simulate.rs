@@ -1,7 +1,8 @@
 //! Replays a synthetic load trace through the [`Decider`] in simulated time, with a
 //! model of the activator (wakes 0 -> `initial` on the first request) and of replicas
 //! that become ready after a startup delay, and returns the replica timeline. Tests
-//! assert on it; the benchmark prints its [`Summary`] for the [`standard_traces`].
+//! assert on it; the benchmark prints its [`Summary`] for the [`standard_traces`] and
+//! the [`boundary_trace`].
 
 use std::time::Duration;
 
@@ -9,18 +10,42 @@ use tokio::time::Instant;
 
 use super::decider::{Decider, Load, Observation};
 use crate::api::config::{Defaults, FunctionConfig, Metric, ScaleConfig, ValidationErrors};
-use crate::api::{FunctionSpec, PodTemplate};
+use crate::api::{FunctionSpec, PodTemplate, ScaleSpec};
 
 /// The scale settings of a Function that sets none: the built-in defaults (target 10
 /// at 70%, window 60s, panic 10% / 200%, idle 30s, max 10).
 pub fn default_scale_config() -> Result<ScaleConfig, ValidationErrors> {
+    resolve(None)
+}
+
+/// The scale settings of issue 12's flapping Function: `target: 1, utilization: 100,
+/// window: 6s` (so one request in flight is exactly one replica's worth), the rest
+/// the built-in defaults.
+pub fn boundary_scale_config() -> Result<ScaleConfig, ValidationErrors> {
+    resolve(Some(ScaleSpec {
+        target: Some(1),
+        utilization: Some(100),
+        window: Some("6s".into()),
+        ..ScaleSpec::default()
+    }))
+}
+
+/// The settings a Function with `scale` and the built-in defaults resolves to.
+fn resolve(scale: Option<ScaleSpec>) -> Result<ScaleConfig, ValidationErrors> {
     let spec = FunctionSpec {
         template: Some(PodTemplate(
             serde_json::json!({"spec": {"containers": [{"name": "app"}]}}),
         )),
+        scale,
         ..FunctionSpec::default()
     };
     FunctionConfig::resolve(&spec, &Defaults::default()).map(|c| c.scale)
+}
+
+/// The boundary load the benchmark reports on with [`boundary_scale_config`]: one
+/// closed-loop client ([`Trace::one_client`]) for five minutes.
+pub fn boundary_trace() -> Trace {
+    Trace::one_client("boundary", 300)
 }
 
 /// A load trace: the demand of each simulated second.
@@ -35,6 +60,15 @@ pub struct Trace {
     pub startup: Duration,
     /// Time a request takes, to convert between concurrency and rps (Little's law).
     pub latency: Duration,
+    /// How long the activator keeps counting a request after the replica answered, while
+    /// the closed-loop client's next one is already in flight (zero: no overlap). Each
+    /// such request adds `overlap` of concurrency to its second's measurement, a hair
+    /// above the true demand, and a snapshot of the requests in flight taken during an
+    /// overlap counts a request twice.
+    pub overlap: Duration,
+    /// The fraction of requests that overlap their successor that way (1: every one,
+    /// the activator then measures `demand x (1 + overlap / latency)`).
+    pub overlapping: f64,
 }
 
 impl Trace {
@@ -46,6 +80,27 @@ impl Trace {
             demand,
             startup: Duration::from_secs(2),
             latency: Duration::from_millis(100),
+            overlap: Duration::ZERO,
+            overlapping: 1.0,
+        }
+    }
+
+    /// One closed-loop client sending 200 ms requests back to back, `seconds` long after
+    /// 5 s of quiet, as the activator's counters report it: exactly one request in
+    /// flight, sometimes a hair over. One request in 50 is still counted 5 ms after the
+    /// replica answered when the client's next one arrives: 1.005 in flight in about
+    /// one second in ten, 1.0 in the others, and 2 in flight for a tick's snapshot that
+    /// falls into such an overlap. Sits exactly at the target of
+    /// [`boundary_scale_config`]; the previous decider flapped on it (issue 12).
+    pub fn one_client(name: &str, seconds: usize) -> Self {
+        Self {
+            latency: Duration::from_millis(200),
+            overlap: Duration::from_millis(5),
+            overlapping: 0.02,
+            ..Self::concurrency(
+                name,
+                [Self::constant(0.0, 5), Self::constant(1.0, seconds)].concat(),
+            )
         }
     }
 
@@ -55,6 +110,14 @@ impl Trace {
             unit: Metric::Rps,
             ..Self::concurrency(name, demand)
         }
+    }
+
+    /// The same trace with another overlap of consecutive requests at the activator,
+    /// and the fraction of requests that overlap.
+    pub fn with_overlap(mut self, overlap: Duration, overlapping: f64) -> Self {
+        self.overlap = overlap;
+        self.overlapping = overlapping;
+        self
     }
 
     /// The same trace with another replica startup time.
@@ -197,11 +260,19 @@ impl Timeline {
     }
 }
 
+/// Spreads the overlapping requests evenly over the run, without randomness.
+const GOLDEN_RATIO: f64 = 1.618_033_988_749_895;
+/// Likewise the ticks whose snapshot falls into an overlap, independent of the above.
+const SILVER_RATIO: f64 = 2.414_213_562_373_095;
+
 /// Runs `cfg` against `trace`, one decision per simulated second, starting at zero
 /// replicas (or `min`).
 pub fn run(cfg: &ScaleConfig, trace: &Trace) -> Timeline {
     let per_replica = Decider::per_replica(cfg);
     let latency = trace.latency.as_secs_f64().max(1e-3);
+    let overlap = trace.overlap.as_secs_f64();
+    // Requests started so far (fractional), to number them.
+    let mut started = 0.0_f64;
     let startup = trace.startup.as_secs().min(u64::from(u32::MAX)) as u32;
     // Base instant only anchors the arithmetic; no clock is read after this.
     let base = Instant::now();
@@ -224,13 +295,25 @@ pub fn run(cfg: &ScaleConfig, trace: &Trace) -> Timeline {
         }
         let at = second + 1;
         let ready = pods.iter().filter(|r| **r <= at).count() as u32;
-        let live = concurrency.round() as u64;
+        // The activator's view: the overlapping requests of this second (every one
+        // whose number n has frac(n x golden ratio) < overlapping) each add `overlap`
+        // to its concurrency, and a snapshot that falls into one of them (that share
+        // of the ticks) sees one request twice.
+        let first = started.floor() as u64;
+        started += rps;
+        let overlapping = (first..started.floor() as u64)
+            .filter(|n| (*n as f64 * GOLDEN_RATIO).fract() < trace.overlapping)
+            .count();
+        let share = overlapping as f64 * overlap;
+        let measured = concurrency + share;
+        let caught = (f64::from(at) * SILVER_RATIO).fract() < share;
+        let live = concurrency.round() as u64 + u64::from(caught);
         let (in_flight, queued) = if ready == 0 { (0, live) } else { (live, 0) };
         let obs = Observation {
             current: desired,
             ready,
             load: Load {
-                concurrency,
+                concurrency: measured,
                 rps,
                 in_flight,
                 queued,

@@ -1,0 +1,172 @@
+//! A stopping activator keeps serving until no Function's routing points at it.
+//!
+//! Clients reach an activator through the Functions' Services, whose EndpointSlices the
+//! operator writes (one per Function, listing the ready activators). When an activator
+//! pod stops, its readiness turns false at once; the operator then rewrites every
+//! Function's slice without it, at a bounded rate, and kube-proxy on every node follows.
+//! Until both have happened, new connections still arrive: an activator that stopped
+//! accepting at SIGTERM would refuse them. So it keeps accepting (and serving) until no
+//! slice written by the operator lists its address any more, plus a settle time for
+//! kube-proxy to apply the last change, bounded by `--lame-duck-timeout`; only then does
+//! it stop accepting and drain what it holds. The condition is observed (a watch of the
+//! slices), not guessed, so a rollout with 10,000 Functions waits as long as the
+//! operator needs to update them all and no longer (see the operator's
+//! `--slice-writes-per-second`, and the chart's grace period, which covers both).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::operator::build::SLICE_MANAGER;
+
+/// How long kube-proxy may take to apply the last slice change on every node.
+pub const SETTLE: Duration = Duration::from_secs(3);
+
+/// The slices (`namespace/name`) of a list that route to `ip`.
+#[derive(Debug, Default)]
+pub struct Routing {
+    slices: BTreeSet<String>,
+}
+
+impl Routing {
+    fn key(slice: &EndpointSlice) -> String {
+        format!(
+            "{}/{}",
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// Whether a slice lists `ip` as an endpoint that takes new connections.
+    pub fn lists(slice: &EndpointSlice, ip: IpAddr) -> bool {
+        slice.endpoints.iter().any(|e| {
+            e.conditions.as_ref().and_then(|c| c.ready) != Some(false)
+                && e.addresses
+                    .iter()
+                    .any(|a| a.parse::<IpAddr>().ok() == Some(ip))
+        })
+    }
+
+    /// Records a slice as it is now.
+    pub fn observe(&mut self, slice: &EndpointSlice, ip: IpAddr) {
+        if Self::lists(slice, ip) {
+            self.slices.insert(Self::key(slice));
+        } else {
+            self.slices.remove(&Self::key(slice));
+        }
+    }
+
+    pub fn forget(&mut self, slice: &EndpointSlice) {
+        self.slices.remove(&Self::key(slice));
+    }
+
+    pub fn count(&self) -> usize {
+        self.slices.len()
+    }
+}
+
+/// Waits until no EndpointSlice written by the operator (in `namespace`, or all) routes
+/// to `ip`, then for [`SETTLE`]; gives up after `limit`.
+pub async fn wait_until_unrouted(
+    client: kube::Client,
+    namespace: Option<&str>,
+    ip: IpAddr,
+    limit: Duration,
+) {
+    let started = Instant::now();
+    let api: Api<EndpointSlice> = match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let config = watcher::Config::default().labels(&format!(
+        "endpointslice.kubernetes.io/managed-by={SLICE_MANAGER}"
+    ));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut routing = Routing::default();
+    let mut relist: Option<Routing> = None;
+    let mut listed = false;
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    info!(%ip, "lame duck: serving until no Function routes here");
+    loop {
+        if listed && routing.count() == 0 {
+            info!(waited = ?started.elapsed(), "lame duck: no Function routes here any more");
+            tokio::select! {
+                _ = tokio::time::sleep(SETTLE) => {}
+                _ = &mut deadline => {}
+            }
+            return;
+        }
+        let event = tokio::select! {
+            _ = &mut deadline => {
+                warn!(
+                    slices = routing.count(),
+                    "lame duck: still routed to after {limit:?}; stopping anyway"
+                );
+                return;
+            }
+            e = events.next() => e,
+        };
+        match event {
+            None => return,
+            Some(Err(e)) => warn!(error = %e, "lame duck: watching the Functions' slices"),
+            Some(Ok(watcher::Event::Init)) => relist = Some(Routing::default()),
+            Some(Ok(watcher::Event::InitApply(s))) => {
+                relist.get_or_insert_with(Routing::default).observe(&s, ip)
+            }
+            Some(Ok(watcher::Event::InitDone)) => {
+                routing = relist.take().unwrap_or_default();
+                listed = true;
+                info!(
+                    slices = routing.count(),
+                    "lame duck: Functions still routing here"
+                );
+            }
+            Some(Ok(watcher::Event::Apply(s))) => routing.observe(&s, ip),
+            Some(Ok(watcher::Event::Delete(s))) => routing.forget(&s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, ips: &[(&str, Option<bool>)]) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "addressType": "IPv4",
+            "endpoints": ips.iter().map(|(ip, ready)| serde_json::json!({
+                "addresses": [ip], "conditions": {"ready": ready}
+            })).collect::<Vec<_>>(),
+        }))
+        .expect("a slice")
+    }
+
+    #[test]
+    fn a_slice_routes_here_while_it_lists_this_address_as_ready() {
+        let me: IpAddr = "10.1.0.7".parse().unwrap();
+        let mut r = Routing::default();
+        r.observe(
+            &slice("a", &[("10.1.0.7", Some(true)), ("10.1.0.8", None)]),
+            me,
+        );
+        r.observe(&slice("b", &[("10.1.0.7", None)]), me);
+        r.observe(&slice("c", &[("10.1.0.8", Some(true))]), me);
+        assert_eq!(r.count(), 2);
+        // Rewritten without this activator, or marked not ready: no longer routes here.
+        r.observe(&slice("a", &[("10.1.0.8", Some(true))]), me);
+        r.observe(&slice("b", &[("10.1.0.7", Some(false))]), me);
+        assert_eq!(r.count(), 0);
+        r.observe(&slice("d", &[("10.1.0.7", Some(true))]), me);
+        r.forget(&slice("d", &[]));
+        assert_eq!(r.count(), 0);
+    }
+}
