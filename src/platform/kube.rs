@@ -891,4 +891,53 @@ mod tests {
             Some(FunctionEvent::Deleted(_))
         ));
     }
+
+    #[test]
+    fn a_target_is_scaled_only_while_the_status_says_the_function_holds_it() {
+        let function = |spec: serde_json::Value, status: serde_json::Value| -> Function {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
+                "metadata": {"name": "f", "namespace": "default", "generation": 2},
+                "spec": spec, "status": status,
+            }))
+            .unwrap()
+        };
+        let target = serde_json::json!({"scaleTargetRef": {"kind": "Deployment", "name": "web"},
+                                         "port": 8080});
+        let held = serde_json::json!({"observedGeneration": 2, "selector": "app=web"});
+        assert_eq!(
+            Workload::of(&function(
+                serde_json::json!({"template": {"spec": {"containers": [{"name": "a"}]}}}),
+                serde_json::json!({})
+            )),
+            Workload::Own
+        );
+        assert_eq!(
+            Workload::of(&function(target.clone(), held.clone())),
+            Workload::Target {
+                kind: TargetKind::Deployment,
+                name: "web".into(),
+                selector: "app=web".into()
+            }
+        );
+        // Not (yet) held, or held for an older spec (which may have named another target).
+        for status in [
+            serde_json::json!({}),
+            serde_json::json!({"observedGeneration": 2}),
+            serde_json::json!({"observedGeneration": 1, "selector": "app=web"}),
+        ] {
+            assert_eq!(
+                Workload::of(&function(target.clone(), status)),
+                Workload::Unheld
+            );
+        }
+        // Being deleted: the operator is giving it back.
+        let mut leaving = function(target.clone(), held.clone());
+        leaving.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        assert_eq!(Workload::of(&leaving), Workload::Unheld);
+        // An invalid spec with both never scales the target.
+        let mut both = target.clone();
+        both["template"] = serde_json::json!({"spec": {"containers": [{"name": "a"}]}});
+        assert_eq!(Workload::of(&function(both, held)), Workload::Unheld);
+    }
 }
