@@ -150,7 +150,7 @@ async fn fake_activator(client: &Client, ns: &str) -> String {
     let slice: EndpointSlice = serde_json::from_value(json!({
         "metadata": {"name": "fake-activator-1", "labels": {
             "kubernetes.io/service-name": "fake-activator",
-            "endpointslice.kubernetes.io/managed-by": "zeroscale.dev/e2e"}},
+            "endpointslice.kubernetes.io/managed-by": "e2e.zeroscale.dev"}},
         "addressType": "IPv4",
         "endpoints": [{"addresses": ["192.0.2.10"], "conditions": {"ready": true}}],
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
@@ -390,5 +390,252 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
     })
     .await;
     let _ = b.kill().await;
+    ns.delete().await;
+}
+
+/// examples/existing-deployment.yaml in `ns`: the user's Deployment and Service, and the
+/// Function pointing at the Deployment.
+fn existing_deployment_example(ns: &str) -> (Deployment, Service, Function) {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/existing-deployment.yaml"
+    ))
+    .unwrap();
+    let mut docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .collect();
+    for d in &mut docs {
+        d["metadata"]["namespace"] = json!(ns);
+    }
+    (
+        serde_json::from_value(docs[0].clone()).unwrap(),
+        serde_json::from_value(docs[1].clone()).unwrap(),
+        serde_json::from_value(docs[2].clone()).unwrap(),
+    )
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster (make e2e)"]
+async fn the_api_server_refuses_what_the_operator_refuses_about_scale_targets() {
+    let Some(client) =
+        cluster("the_api_server_refuses_what_the_operator_refuses_about_scale_targets").await
+    else {
+        return;
+    };
+    apply_crd(&client).await;
+    let ns = TestNamespace::new(&client).await;
+    let functions: Api<Function> = Api::namespaced(client.clone(), &ns.name);
+    let (_, _, good) = existing_deployment_example(&ns.name);
+    let template = json!({"spec": {"containers": [{"name": "app", "image": "x"}]}});
+    let target = json!({"kind": "Deployment", "name": "web"});
+    // (the field the API server's message must name first, the spec)
+    let cases = [
+        ("spec.template", json!({"port": 8080})),
+        (
+            "spec.scaleTargetRef",
+            json!({"template": template, "scaleTargetRef": target, "port": 8080}),
+        ),
+        ("spec.port", json!({"scaleTargetRef": target})),
+        (
+            "spec.scaleTargetRef.kind",
+            json!({"scaleTargetRef": {"kind": "DaemonSet", "name": "web"}, "port": 8080}),
+        ),
+        (
+            "spec.scaleTargetRef.name",
+            json!({"scaleTargetRef": {"kind": "Deployment", "name": "Web_App"}, "port": 8080}),
+        ),
+    ];
+    for (field, spec) in cases {
+        let mut f = good.clone();
+        f.spec = serde_json::from_value(spec.clone()).unwrap();
+        let runtime = zeroscale::api::config::validate(&f.spec).expect_err("refused at runtime");
+        assert!(runtime.mentions(field), "runtime: {runtime}");
+        let err = functions
+            .create(&PostParams::default(), &f)
+            .await
+            .expect_err("refused at admission");
+        let message = match &err {
+            kube::Error::Api(s) => s.message.clone(),
+            other => other.to_string(),
+        };
+        assert!(
+            message.contains(field),
+            "{spec}: the API server's message should name {field}: {message}"
+        );
+    }
+    functions
+        .create(&PostParams::default(), &good)
+        .await
+        .expect("a valid scaleTargetRef Function is admitted");
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster (make e2e)"]
+async fn a_function_takes_an_existing_deployment_and_gives_it_back_on_delete() {
+    use k8s_openapi::api::events::v1::Event;
+    let Some(client) =
+        cluster("a_function_takes_an_existing_deployment_and_gives_it_back_on_delete").await
+    else {
+        return;
+    };
+    apply_crd(&client).await;
+    let ns = TestNamespace::new(&client).await;
+    let activator = fake_activator(&client, &ns.name).await;
+    let mut operator = run_operator(&ns.name, &activator);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let functions: Api<Function> = Api::namespaced(client.clone(), &ns.name);
+    let (mut deployment, service, f) = existing_deployment_example(&ns.name);
+
+    // The Function first: its target does not exist yet.
+    apply_function(&client, &f).await;
+    eventually("TargetNotFound", || async {
+        let f = functions.get("web-lazy").await.ok()?;
+        (f.condition(CONDITION_ACTIVE)?.reason == "TargetNotFound").then_some(())
+    })
+    .await;
+
+    // The user's Deployment (created with 2 replicas) and Service appear.
+    deployment.spec.as_mut().unwrap().replicas = Some(2);
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let user_service = services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let held = eventually("the Function to hold the Deployment", || async {
+        let f = functions.get("web-lazy").await.ok()?;
+        (f.status.as_ref()?.selector.as_deref() == Some("app=web")).then_some(f)
+    })
+    .await;
+    assert_eq!(
+        held.metadata.finalizers.as_deref(),
+        Some(&["zeroscale.dev/scale-back".to_string()][..])
+    );
+    let private = services.get("web-lazy-private").await.unwrap();
+    assert_eq!(
+        private.spec.as_ref().unwrap().selector,
+        Some(BTreeMap::from([("app".to_string(), "web".to_string())]))
+    );
+    assert!(private.annotations()["zeroscale.dev/scale-target"].contains("\"originalReplicas\":2"));
+    let d = deployments.get("web").await.unwrap();
+    assert!(
+        d.owner_references().is_empty(),
+        "the Deployment stays the user's"
+    );
+    assert!(!d.labels().contains_key(FUNCTION_LABEL));
+
+    // A second Function naming the same Deployment: the older one keeps it.
+    let mut second = f.clone();
+    second.metadata.name = Some("web-too".into());
+    apply_function(&client, &second).await;
+    let conflict = eventually("TargetConflict", || async {
+        let f = functions.get("web-too").await.ok()?;
+        let active = f.condition(CONDITION_ACTIVE)?.clone();
+        (active.reason == "TargetConflict").then_some(active)
+    })
+    .await;
+    assert!(
+        conflict.message.contains("web-lazy"),
+        "{}",
+        conflict.message
+    );
+
+    // Idle: the autoscaler takes it to zero through the scale subresource.
+    let mut scale = deployments.get_scale("web").await.unwrap();
+    scale.spec.as_mut().unwrap().replicas = Some(0);
+    scale.status = None;
+    deployments
+        .replace_scale(
+            "web",
+            &PostParams {
+                field_manager: Some("zeroscale-autoscaler".into()),
+                ..PostParams::default()
+            },
+            &scale,
+        )
+        .await
+        .unwrap();
+    // A GitOps tool applies the manifest with replicas: it fights the autoscaler, and the
+    // Function says so.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    deployments
+        .patch(
+            "web",
+            &PatchParams::apply("e2e-gitops").force(),
+            &Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                                 "metadata": {"name": "web"}, "spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let fight = eventually("a ReplicasOverridden Event", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("ReplicasOverridden")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-lazy")
+        })
+    })
+    .await;
+    assert!(
+        fight
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("e2e-gitops"),
+        "{:?}",
+        fight.note
+    );
+
+    // Deleting the Function gives the Deployment its 2 replicas back, and then the
+    // Function goes; the user's Deployment and Service stay.
+    functions
+        .delete("web-lazy", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the Function to be gone", || async {
+        functions
+            .get_opt("web-lazy")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let d = deployments.get("web").await.unwrap();
+    assert_eq!(d.spec.unwrap().replicas, Some(2), "scaled back");
+    let svc = services.get("web").await.unwrap();
+    assert_eq!(svc.metadata.uid, user_service.metadata.uid);
+    assert_eq!(
+        svc.metadata.resource_version, user_service.metadata.resource_version,
+        "the user's Service is untouched"
+    );
+    // The younger Function takes it now, remembering the 2 it was given back with.
+    eventually("the second Function to take the Deployment", || async {
+        let f = functions.get("web-too").await.ok()?;
+        (f.status.as_ref()?.selector.as_deref() == Some("app=web")).then_some(())
+    })
+    .await;
+    let private = services.get("web-too-private").await.unwrap();
+    assert!(private.annotations()["zeroscale.dev/scale-target"].contains("\"originalReplicas\":2"));
+    functions
+        .delete("web-too", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the second Function to be gone", || async {
+        functions
+            .get_opt("web-too")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(deployments.get_opt("web").await.unwrap().is_some());
+    let _ = operator.kill().await;
     ns.delete().await;
 }

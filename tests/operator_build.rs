@@ -854,15 +854,15 @@ fn a_target_function_routes_to_the_targets_pods_and_owns_only_its_routing() {
     );
 
     // Not holding the target (missing, refused, another Function has it): the private
-    // Service selects nothing and records nothing, so no replica is routed to.
+    // Service selects the Function's own label, which no pod has, and records nothing,
+    // so no replica is routed to.
     let idle = build::build_target(&f, &c, None, Some(&activators())).unwrap();
-    assert!(
-        idle.private_service
-            .spec
-            .as_ref()
-            .unwrap()
-            .selector
-            .is_none()
+    assert_eq!(
+        idle.private_service.spec.as_ref().unwrap().selector,
+        Some(BTreeMap::from([(
+            FUNCTION_LABEL.to_string(),
+            "web-lazy".to_string()
+        )]))
     );
     assert!(
         !idle

@@ -765,7 +765,11 @@ async fn a_missing_target_is_reported_and_taken_once_it_exists() {
     assert!(status.body["status"].get("selector").is_none());
     // Routable (requests get the reason), but nothing is selected, scaled or held.
     let private = the(&calls, "PATCH", &private_path("web-lazy"));
-    assert!(private.body["spec"].get("selector").is_none());
+    assert_eq!(
+        private.body["spec"]["selector"],
+        json!({FUNCTION_LABEL: "web-lazy"}),
+        "no pod has the Function's own label"
+    );
     the(
         &calls,
         "PATCH",
@@ -878,11 +882,10 @@ async fn of_two_functions_naming_one_target_the_older_keeps_it() {
     assert_eq!(active["reason"], "TargetConflict");
     assert!(active["message"].as_str().unwrap().contains("default/old"));
     assert!(status.body["status"].get("selector").is_none());
-    assert!(
-        the(&calls, "PATCH", &private_path("young")).body["spec"]
-            .get("selector")
-            .is_none(),
-        "the younger one routes to nothing"
+    assert_eq!(
+        the(&calls, "PATCH", &private_path("young")).body["spec"]["selector"],
+        json!({FUNCTION_LABEL: "young"}),
+        "the younger one routes to no pod"
     );
     assert!(finalizer_patches(&calls, "young").is_empty());
 }

@@ -302,7 +302,7 @@ pub fn build(
         private_service,
         public_service,
         activator_slice,
-    } = routing(function, config.port, Some(selector), None, activators)?;
+    } = routing(function, config.port, selector, None, activators)?;
 
     let mut desired = Desired {
         deployment,
@@ -316,17 +316,28 @@ pub fn build(
 
 /// Builds the routing objects of a Function with a `scaleTargetRef`. While it holds its
 /// target, `hold` has the target's pod selector and the record to keep on the private
-/// Service; otherwise the private Service selects nothing (no replicas to route to).
+/// Service; otherwise the private Service selects the Function's own label, which no pod
+/// has: no replica to route to.
+///
+/// It always has a selector: a headless Service created without one is defaulted to
+/// `ipFamilyPolicy: RequireDualStack`, which a single-stack cluster then refuses as soon
+/// as a selector is added (seen on a real API server).
 pub fn build_target(
     function: &Function,
     config: &FunctionConfig,
     hold: Option<(&BTreeMap<String, String>, &Record)>,
     activators: Option<&ActivatorEndpoints>,
 ) -> Result<Routing, BuildError> {
+    let own = || {
+        BTreeMap::from([(
+            FUNCTION_LABEL.to_string(),
+            function.metadata.name.clone().unwrap_or_default(),
+        )])
+    };
     routing(
         function,
         config.port,
-        hold.map(|(s, _)| s.clone()),
+        hold.map_or_else(own, |(s, _)| s.clone()),
         hold.map(|(_, r)| r),
         activators,
     )
@@ -337,7 +348,7 @@ pub fn build_target(
 fn routing(
     function: &Function,
     port: u16,
-    selector: Option<BTreeMap<String, String>>,
+    selector: BTreeMap<String, String>,
     record: Option<&Record>,
     activators: Option<&ActivatorEndpoints>,
 ) -> Result<Routing, BuildError> {
@@ -362,7 +373,7 @@ fn routing(
             // Headless: the activator connects to pod IPs from the slices; a virtual IP
             // and kube-proxy rules would be unused.
             cluster_ip: Some("None".into()),
-            selector,
+            selector: Some(selector),
             ports: Some(vec![ServicePort {
                 name: Some(PORT_NAME.into()),
                 port: i32::from(port),
