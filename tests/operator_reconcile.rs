@@ -1108,3 +1108,58 @@ async fn a_targets_failing_pods_land_on_the_active_condition() {
     assert_eq!(status.body["status"]["replicas"], 1);
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(5)));
 }
+
+#[tokio::test]
+async fn a_function_edited_to_a_template_gives_its_target_back() {
+    let mut h = harness();
+    h.put_object(WEB, web(2, json!({"matchLabels": {"app": "web"}})));
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let mut f = h.sync(&f);
+    h.api.objects.lock().unwrap().get_mut(WEB).unwrap()["spec"]["replicas"] = json!(0);
+    h.api.take_calls();
+
+    f.spec.scale_target_ref = None;
+    f.spec.template = hello().spec.template;
+    f.metadata.generation = Some(2);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    assert_eq!(h.replicas_of_web(), 2, "given back");
+    let private = the(&calls, "PATCH", &private_path("web-lazy"));
+    assert_eq!(
+        private.body["spec"]["selector"],
+        json!({FUNCTION_LABEL: "web-lazy"})
+    );
+    assert!(
+        private.body["metadata"]["annotations"]
+            .get("zeroscale.dev/scale-target")
+            .is_none()
+    );
+    the(
+        &calls,
+        "PATCH",
+        "/apis/apps/v1/namespaces/default/deployments/web-lazy",
+    );
+    assert_eq!(finalizer_patches(&calls, "web-lazy")[0][1]["op"], "remove");
+}
+
+#[tokio::test]
+async fn an_older_function_with_an_invalid_spec_does_not_keep_the_target() {
+    let mut h = harness();
+    h.put_object(WEB, web(1, json!({"matchLabels": {"app": "web"}})));
+    let mut broken = lazy("broken", 1_600_000_000);
+    broken.spec.scale.as_mut().unwrap().min = Some(9);
+    h.add_function(&broken);
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    let status = the(
+        &calls,
+        "PATCH",
+        &format!("{}/status", function_path("web-lazy")),
+    );
+    assert_eq!(status.body["status"]["selector"], "app=web");
+}

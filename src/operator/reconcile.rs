@@ -131,7 +131,9 @@ pub async fn reconcile(function: Arc<Function>, ctx: Arc<Context>) -> Result<Act
             // The garbage collector removes what the Function owns.
             return Ok(Action::await_change());
         }
-        // It holds a target: give it back first (the GC follows the finalizer).
+        // It holds a target: give it back first (the GC follows the finalizer). The record
+        // is read from the cache: never decide "nothing to give back" before it is listed.
+        caches_synced(&ctx.stores).await?;
         return scale_back(&function, &ctx).await;
     }
     let result = reconcile_inner(&function, &ctx).await;
@@ -310,6 +312,11 @@ async fn reconcile_inner(function: &Function, ctx: &Context) -> Result<Action, E
             Ok(applied) => {
                 if applied.is_some() {
                     deployment = applied;
+                }
+                // A target it scaled before it had a template is given back: nothing
+                // left for the finalizer to guard.
+                if has_finalizer(function) {
+                    remove_finalizer(ctx, function).await?;
                 }
             }
             Err(Error::Apply { source, kind, .. }) if is_invalid(&source) => {
@@ -603,8 +610,9 @@ async fn reconcile_target(
     Ok(Action::requeue(RESYNC))
 }
 
-/// The Functions naming `target`, from the cache (and `function` itself, which the
-/// cache may not hold yet).
+/// The Functions naming `target` with a valid spec (one that never could hold it does
+/// not keep it from the others), from the cache, and `function` itself (which the cache
+/// may not hold yet).
 fn claimants(ctx: &Context, function: &Function, target: &TargetKey) -> Vec<Arc<Function>> {
     let mut all: Vec<Arc<Function>> = ctx
         .targets
@@ -612,6 +620,10 @@ fn claimants(ctx: &Context, function: &Function, target: &TargetKey) -> Vec<Arc<
         .iter()
         .filter_map(|r| ctx.stores.functions.get(r))
         .filter(|f| f.key() != function.key())
+        .filter(|f| {
+            FunctionConfig::resolve(&f.spec, &ctx.settings.defaults).is_ok()
+                && build::check_name(&f.name_any()).is_none()
+        })
         .collect();
     all.push(Arc::new(function.clone()));
     all
