@@ -451,3 +451,42 @@ fn scale_target_ref_fields_are_checked_as_the_schema_does() {
         assert!(err.to_string().contains(field), "{err}");
     }
 }
+
+/// A watch lists every Function in one response: one the typed decoder refuses (here
+/// written under a CRD version with other required fields) must not fail the list; it is
+/// kept, named, and refused as invalid with the field that broke it.
+#[test]
+fn one_undecodable_function_does_not_fail_a_list_of_all() {
+    let list = serde_json::json!({
+        "apiVersion": "zeroscale.dev/v1alpha1",
+        "kind": "FunctionList",
+        "metadata": {"resourceVersion": "7"},
+        "items": [
+            {"apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
+             "metadata": {"name": "good", "namespace": "default"},
+             "spec": {"template": {"spec": {"containers": [{"name": "app", "command": ["x"]}]}}}},
+            {"apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
+             "metadata": {"name": "other-version", "namespace": "default"},
+             "spec": {"scaleTargetRef": {"kind": "Deployment"}, "port": 8080}},
+            {"apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
+             "metadata": {"name": "wrong-type", "namespace": "default"},
+             "spec": {"template": {"spec": {"containers": [{"name": "app"}]}},
+                      "scale": {"min": "none"}}}
+        ]
+    });
+    let list: kube::core::ObjectList<Function> =
+        serde_json::from_value(list).expect("the list decodes whole");
+    assert_eq!(list.items.len(), 3);
+    assert!(list.items[0].spec.undecodable.is_none());
+    for (f, field) in [
+        (&list.items[1], "spec.scaleTargetRef.name"),
+        (&list.items[2], "spec.scale.min"),
+    ] {
+        let err = resolve(f).expect_err("an undecodable spec is invalid");
+        assert!(err.mentions(field), "{err}");
+        assert!(err.to_string().contains("cannot be decoded"), "{err}");
+    }
+    // It is never written back: the field exists only in memory.
+    let back = serde_json::to_value(&list.items[1]).unwrap();
+    assert!(back["spec"].get("undecodable").is_none());
+}

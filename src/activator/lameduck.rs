@@ -28,6 +28,10 @@ use crate::operator::build::SLICE_MANAGER;
 
 /// How long kube-proxy may take to apply the last slice change on every node.
 pub const SETTLE: Duration = Duration::from_secs(3);
+/// How long the slices may stay unobservable (the API server unreachable, or the
+/// activator's access removed by an uninstall) before the wait is given up: what cannot
+/// be seen cannot be waited for.
+pub const BLIND: Duration = Duration::from_secs(10);
 
 /// The slices (`namespace/name`) of a list that route to `ip`.
 #[derive(Debug, Default)]
@@ -92,6 +96,7 @@ pub async fn wait_until_unrouted(
     let mut routing = Routing::default();
     let mut relist: Option<Routing> = None;
     let mut listed = false;
+    let mut failing_since: Option<Instant> = None;
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     info!(%ip, "lame duck: serving until no Function routes here");
@@ -114,9 +119,25 @@ pub async fn wait_until_unrouted(
             }
             e = events.next() => e,
         };
+        // Only data ends a failure: a retried list starts with `Init` again.
+        if matches!(
+            event,
+            Some(Ok(watcher::Event::InitDone
+                | watcher::Event::Apply(_)
+                | watcher::Event::Delete(_)))
+        ) {
+            failing_since = None;
+        }
         match event {
             None => return,
-            Some(Err(e)) => warn!(error = %e, "lame duck: watching the Functions' slices"),
+            Some(Err(e)) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= BLIND {
+                    warn!(error = %e, "lame duck: the Functions' slices cannot be watched; stopping");
+                    return;
+                }
+                warn!(error = %e, "lame duck: watching the Functions' slices");
+            }
             Some(Ok(watcher::Event::Init)) => relist = Some(Routing::default()),
             Some(Ok(watcher::Event::InitApply(s))) => {
                 relist.get_or_insert_with(Routing::default).observe(&s, ip)

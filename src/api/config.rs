@@ -224,6 +224,15 @@ impl FunctionConfig {
 
     /// Applies `defaults` to `spec` and validates the result; returns every problem found.
     pub fn resolve(spec: &FunctionSpec, defaults: &Defaults) -> Result<Self, ValidationErrors> {
+        if let Some(problem) = &spec.undecodable {
+            let (field, message) = problem
+                .split_once(": ")
+                .unwrap_or(("spec", problem.as_str()));
+            return Err(ValidationErrors(vec![FieldError {
+                field: field.to_string(),
+                message: format!("cannot be decoded: {message}"),
+            }]));
+        }
         let mut errs = Vec::new();
         let mut err = |field: &str, message: String| {
             errs.push(FieldError {

@@ -57,8 +57,12 @@ pub const STARTUP_FAILURE_REASONS: &[&str] = &[
     REASON_TARGET_CONFLICT,
 ];
 
+// The spec decodes leniently (see `FunctionSpec::undecodable`): a watch lists every
+// Function in one response, and one object that the typed decoder refuses (written under
+// another version of the CRD, say) must not stop the operator or the activator from
+// seeing all the others.
 /// A Function: an HTTP workload that zeroscale runs, routes to and scales (to zero).
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[derive(CustomResource, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
 #[kube(
     group = "zeroscale.dev",
     version = "v1alpha1",
@@ -135,6 +139,76 @@ pub struct FunctionSpec {
     /// The queue of requests held while no replica has capacity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueSpec>,
+
+    /// Why the stored spec could not be decoded, with the field path; `None` for every
+    /// spec that decodes. Never written: set only by the lenient decoder, and reported
+    /// as an invalid spec (status, Event, 503) instead of failing a whole watch.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub undecodable: Option<String>,
+}
+
+/// The typed decoder of a spec, the fields of [`FunctionSpec`] as they are stored.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredSpec {
+    #[serde(default)]
+    template: Option<PodTemplate>,
+    #[serde(default)]
+    scale_target_ref: Option<ScaleTargetRef>,
+    #[serde(default)]
+    port: Option<i32>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    scale: Option<ScaleSpec>,
+    #[serde(default)]
+    timeouts: Option<TimeoutsSpec>,
+    #[serde(default)]
+    queue: Option<QueueSpec>,
+}
+
+impl<'de> Deserialize<'de> for FunctionSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        match serde_path_to_error::deserialize::<_, StoredSpec>(&value) {
+            Ok(s) => Ok(FunctionSpec {
+                template: s.template,
+                scale_target_ref: s.scale_target_ref,
+                port: s.port,
+                hosts: s.hosts,
+                scale: s.scale,
+                timeouts: s.timeouts,
+                queue: s.queue,
+                undecodable: None,
+            }),
+            Err(e) => {
+                let mut path = e.path().to_string();
+                // serde names a missing field in its message, at the parent's path.
+                let message = e.inner().to_string();
+                if let Some(missing) = message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.split('`').next())
+                {
+                    path = if path == "." || path.is_empty() {
+                        missing.to_string()
+                    } else {
+                        format!("{path}.{missing}")
+                    };
+                }
+                let field = if path == "." || path.is_empty() {
+                    "spec".to_string()
+                } else {
+                    format!("spec.{path}")
+                };
+                Ok(FunctionSpec {
+                    template: value.get("template").cloned().map(PodTemplate),
+                    undecodable: Some(format!("{field}: {}", e.into_inner())),
+                    ..FunctionSpec::default()
+                })
+            }
+        }
+    }
 }
 
 /// The workload a Function scales instead of running its own template.

@@ -177,6 +177,11 @@ pub fn parse(file: &Path, text: &str) -> Parsed {
             continue;
         }
         match serde_path_to_error::deserialize::<_, Function>(value) {
+            Ok(function) if function.spec.undecodable.is_some() => {
+                let problem = function.spec.undecodable.unwrap_or_default();
+                out.errors.push(error(problem));
+                out.invalid.extend(key);
+            }
             Ok(function) => out.manifests.push(Manifest {
                 function,
                 file: file.to_path_buf(),
