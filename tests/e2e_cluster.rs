@@ -230,13 +230,13 @@ async fn the_crd_installs_both_ways_and_admission_refuses_invalid_functions() {
             }
         }
         // The runtime validation refuses the same (API servers without CEL rely on it).
-        if let Ok(parsed) = serde_json::from_value::<Function>(f.clone()) {
-            if spec.to_string().contains("scaleTargetRef") || spec.get("template").is_some() {
-                assert!(
-                    zeroscale::api::config::validate(&parsed.spec).is_err(),
-                    "the operator refuses {spec} too"
-                );
-            }
+        if let Ok(parsed) = serde_json::from_value::<Function>(f.clone())
+            && (spec.to_string().contains("scaleTargetRef") || spec.get("template").is_some())
+        {
+            assert!(
+                zeroscale::api::config::validate(&parsed.spec).is_err(),
+                "the operator refuses {spec} too"
+            );
         }
         let result = dry_run(&f).await;
         if *is_cel && !cel {
@@ -938,7 +938,9 @@ async fn no_request_is_lost_under_churn() {
 /// The user's own Deployment `web` and Service `web` (as a chart or their manifests make
 /// them: no `replicas`), running the suite's test app, and examples/existing-deployment.yaml's
 /// Function `web-lazy` pointing at the Deployment with the suite's fast scale settings.
-fn existing_deployment(namespace: &str) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+fn existing_deployment(
+    namespace: &str,
+) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
     let pod = test_function(namespace, "unused", json!({}))["spec"]["template"]["spec"].clone();
     let deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -1038,7 +1040,10 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
         f.metadata.finalizers.as_deref(),
         Some(&["zeroscale.dev/scale-back".to_string()][..])
     );
-    let private = own.get("web-lazy-private").await.expect("the private Service");
+    let private = own
+        .get("web-lazy-private")
+        .await
+        .expect("the private Service");
     assert_eq!(
         private.spec.as_ref().and_then(|s| s.selector.clone()),
         Some(BTreeMap::from([("app".to_string(), "web".to_string())]))
@@ -1076,7 +1081,9 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
         Some(&b"true"[..])
     );
     assert!(cold.body.starts_with("host=web-"), "{}", cold.body);
-    let again = get(own_gw.addr, &own_gw.host, "/").await.expect("the own Service");
+    let again = get(own_gw.addr, &own_gw.host, "/")
+        .await
+        .expect("the own Service");
     assert_eq!(again.status, 200);
     eprintln!("ok: woken from zero through the activator");
 
@@ -1115,7 +1122,11 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
         (active.reason == "TargetConflict").then_some(active)
     })
     .await;
-    assert!(conflict.message.contains("web-lazy"), "{}", conflict.message);
+    assert!(
+        conflict.message.contains("web-lazy"),
+        "{}",
+        conflict.message
+    );
     kubectl(&["delete", "function", "web-too", "-n", &ns.name], None).expect("deleted");
 
     // GitOps: the manifest applied again with replicas fights the autoscaler; the
@@ -1136,7 +1147,10 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
         },
     )
     .await;
-    eprintln!("ok: the fight is reported: {}", fight.note.unwrap_or_default());
+    eprintln!(
+        "ok: the fight is reported: {}",
+        fight.note.unwrap_or_default()
+    );
     apply(&deployment).expect("the Deployment applies without replicas again");
 
     // Deleting the Function gives the Deployment back the 1 replica it had, and the
@@ -1145,9 +1159,18 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
         .delete("web-lazy", &DeleteParams::default())
         .await
         .expect("delete the Function");
-    eventually("the Function to be gone", Duration::from_secs(60), || async {
-        functions.get_opt("web-lazy").await.ok()?.is_none().then_some(())
-    })
+    eventually(
+        "the Function to be gone",
+        Duration::from_secs(60),
+        || async {
+            functions
+                .get_opt("web-lazy")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
     .await;
     wait_ready_replicas(&deployments, "web", 1).await;
     let after = own.get("web").await.expect("the user's Service");
