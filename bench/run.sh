@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make bench`: installs nginx (and wrk, for a cross-check) if missing, builds the release binaries, runs every
+# `make bench`: installs nginx and haproxy (the reference proxies), wrk (a second load
+# generator) and valgrind (instruction counts) if missing, builds the release binaries, runs every
 # benchmark (zeroscale-bench run) and leaves the markdown in bench/out/results.md and
 # the JSON in bench/out/results.json. Extra arguments go to `zeroscale-bench run`
 # (e.g. bench/run.sh --rounds 1 --skip cold-start). See BENCHMARKS.md.
@@ -8,9 +9,11 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v valgrind >/dev/null || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "bench: installing ${missing[*]} (reference proxy, cross-check load generator)" >&2
+  echo "bench: installing ${missing[*]} (reference proxies, cross-check load generator, instruction counts)" >&2
   # The package would start a system nginx on port 80; the bench runs its own. A
   # policy-rc.d that refuses service starts is the Debian way to say so; ours is
   # removed again unless one was there before.

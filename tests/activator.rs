@@ -1320,3 +1320,57 @@ async fn a_replica_closing_kept_alive_connections_does_not_fail_requests() {
         assert_eq!(body_text(resp).await, "ok");
     }
 }
+
+#[tokio::test]
+async fn connects_cut_short_by_the_request_timeout_do_not_block_later_ones() {
+    // A replica whose accept queue is full (listen backlog 1, two connections never
+    // accepted): the kernel drops further SYNs, so connects to it hang.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut filler = Vec::new();
+    for _ in 0..2 {
+        filler.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "hung",
+        serde_json::json!({"timeouts": {"request": "1s"}}),
+    ));
+    platform.set_endpoints(&key("hung"), vec![endpoint(addr)]);
+    let h = start(platform).await;
+    // More requests than the pool opens connections at once, each given up by its
+    // request timeout while its connect hangs.
+    let given_up = futures::future::join_all((0..10).map(|_| h.get("hung.default"))).await;
+    for resp in given_up {
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    // The replica comes back: accepted connections now get answers.
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    service_fn(|_req| async { Ok::<_, Infallible>(Response::new(text("back"))) });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    // Its SYNs were dropped while the queue was full; a retransmission gets through
+    // within a few seconds, so one request may still time out before that.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let resp = h.get("hung.default").await;
+        if resp.status() == StatusCode::OK {
+            assert_eq!(body_text(resp).await, "back");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica stays unreachable: connect slots given up mid-connect were never returned"
+        );
+    }
+    drop(filler);
+}

@@ -11,6 +11,19 @@ use nix::unistd::Pid;
 
 use crate::error::{Context, Result};
 
+/// `program` as a command, run behind `launcher` (e.g. `valgrind --tool=callgrind ...`)
+/// when that is not empty.
+pub fn command(launcher: &[String], program: &Path) -> Command {
+    match launcher.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
+        }
+    }
+}
+
 /// A started process, stopped on drop.
 pub struct Proc {
     pub name: String,

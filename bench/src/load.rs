@@ -10,6 +10,8 @@
 //! (coordinated omission). The same loop drives every target, so the comparison holds.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -54,6 +56,11 @@ pub struct Args {
     /// Runtime worker threads (default: one per CPU).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Send exactly this many requests (shared by the connections) and stop, instead of
+    /// a timed warm-up and window: every request counts. The instruction counts use it,
+    /// so that the work under the profiler is the same for every proxy.
+    #[arg(long)]
+    pub requests: Option<u64>,
 }
 
 /// Latency percentiles, in microseconds.
@@ -120,6 +127,9 @@ struct ConnResult {
 }
 
 async fn run(args: &Args) -> Result<LoadResult> {
+    if let Some(n) = args.requests {
+        return run_counted(args, n).await;
+    }
     let concurrency = args.concurrency.max(1);
     let start = Instant::now();
     let window_start = start + Duration::from_millis(args.warmup_ms);
@@ -183,6 +193,109 @@ async fn run(args: &Args) -> Result<LoadResult> {
         backend_cpu_s,
         loadgen_cpu_s: self_start.cpu_seconds_until(&self_end),
     })
+}
+
+/// `--requests n`: exactly `n` requests over `concurrency` connections, all counted.
+async fn run_counted(args: &Args, n: u64) -> Result<LoadResult> {
+    let concurrency = args.concurrency.max(1);
+    let tickets = Arc::new(AtomicU64::new(n));
+    let started = Instant::now();
+    let sampled_start = sample(&args.sample_pids)?;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (target, host, path) = (args.target, args.host.clone(), args.path.clone());
+        let tickets = tickets.clone();
+        tasks.push(tokio::spawn(async move {
+            counted_connection(target, host, path, tickets).await
+        }));
+    }
+    let mut histogram = new_histogram()?;
+    let (mut ok, mut non_2xx, mut errors) = (0, 0, 0);
+    for task in tasks {
+        let c = task.await.context("a load connection panicked")??;
+        histogram.add(&c.histogram).context("merging histograms")?;
+        ok += c.ok;
+        non_2xx += c.non_2xx;
+        errors += c.errors;
+    }
+    let sampled_end = sample(&args.sample_pids)?;
+    let window_s = started.elapsed().as_secs_f64();
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let sampled_cpu_s = match (&sampled_start, &sampled_end) {
+        (Some(a), Some(b)) => a.cpu_seconds_until(b),
+        _ => 0.0,
+    };
+    Ok(LoadResult {
+        concurrency,
+        window_s,
+        ok,
+        non_2xx,
+        errors,
+        rps: ok as f64 / window_s,
+        latency: Latency {
+            p50_us: us(0.50),
+            p90_us: us(0.90),
+            p99_us: us(0.99),
+            p999_us: us(0.999),
+            max_us: histogram.max() as f64 / 1000.0,
+            mean_us: histogram.mean() / 1000.0,
+        },
+        sampled_start,
+        sampled_end,
+        sampled_cpu_s,
+        backend_cpu_s: 0.0,
+        loadgen_cpu_s: 0.0,
+    })
+}
+
+/// One keep-alive connection sending requests back to back while tickets last. A failed
+/// exchange counts as an error and is not retried (its ticket is spent).
+async fn counted_connection(
+    target: SocketAddr,
+    host: String,
+    path: String,
+    tickets: Arc<AtomicU64>,
+) -> Result<ConnResult> {
+    let mut out = ConnResult {
+        histogram: new_histogram()?,
+        ok: 0,
+        non_2xx: 0,
+        errors: 0,
+    };
+    let take = || {
+        tickets
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_sub(1))
+            .is_ok()
+    };
+    let mut sender: Option<http1::SendRequest<Empty<Bytes>>> = None;
+    while take() {
+        let mut s = match sender.take() {
+            Some(s) => s,
+            None => match connect(target).await {
+                Ok(s) => s,
+                Err(_) => {
+                    out.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let began = Instant::now();
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange(&mut s, &host, &path)).await {
+            Ok(Ok(status_ok)) => {
+                sender = Some(s);
+                let nanos = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                out.histogram.saturating_record(nanos.max(1));
+                if status_ok {
+                    out.ok += 1;
+                } else {
+                    out.non_2xx += 1;
+                }
+            }
+            Ok(Err(_)) | Err(_) => out.errors += 1,
+        }
+    }
+    Ok(out)
 }
 
 fn sample(pids: &[u32]) -> Result<Option<Sample>> {

@@ -11,7 +11,9 @@ mod child;
 mod coldstart;
 mod datapath;
 mod error;
+mod haproxy;
 mod http;
+mod instructions;
 mod load;
 mod machine;
 mod memory;
@@ -43,6 +45,8 @@ enum Command {
     Memory(memory::Args),
     /// Run every benchmark, print the markdown table and write the JSON results.
     Run(run::Args),
+    /// Count instructions per request of the proxies under callgrind, and nothing else.
+    Count(run::CountArgs),
     /// Render the markdown of a JSON results file again (or put it into BENCHMARKS.md).
     Report(report::Args),
     /// Print the autoscaler table alone: simulated time, deterministic, no processes.
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::main(args),
         Command::Memory(args) => memory::main(args),
         Command::Run(args) => run::main(args),
+        Command::Count(args) => run::count_main(args),
         Command::Report(args) => report::main(args),
         Command::Autoscaler => autoscale::main(),
     };

@@ -43,13 +43,20 @@ pub fn version(bin: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The configuration for a proxy on `listen` in front of `backend`.
+/// The configuration for a proxy on `listen` in front of `backend`. `workers == 0` is
+/// nginx in one process (`master_process off`, one worker): the form the instruction
+/// counts run under the profiler, which follows one process.
 pub fn render(prefix: &Path, listen: SocketAddr, backend: SocketAddr, workers: usize) -> String {
-    TEMPLATE
+    let conf = TEMPLATE
         .replace("@PREFIX@", &prefix.display().to_string())
         .replace("@LISTEN@", &listen.to_string())
-        .replace("@BACKEND@", &backend.to_string())
-        .replace("@WORKERS@", &workers.to_string())
+        .replace("@BACKEND@", &backend.to_string());
+    if workers == 0 {
+        conf.replace("@WORKERS@", "1")
+            .replace("master_process on;", "master_process off;")
+    } else {
+        conf.replace("@WORKERS@", &workers.to_string())
+    }
 }
 
 /// A running nginx.
@@ -60,13 +67,15 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Writes the configuration under `prefix`, checks it with `nginx -t` and starts it.
+    /// Writes the configuration under `prefix`, checks it with `nginx -t` and starts it,
+    /// behind `launcher` (the profiler's command line) when it is not empty.
     pub fn start(
         bin: &Path,
         prefix: &Path,
         listen: SocketAddr,
         backend: SocketAddr,
         workers: usize,
+        launcher: &[String],
     ) -> Result<Self> {
         std::fs::create_dir_all(prefix).context(format!("creating {}", prefix.display()))?;
         let conf = prefix.join("nginx.conf");
@@ -90,7 +99,7 @@ impl Nginx {
                 prefix.join("error.log").display()
             )));
         }
-        let mut cmd = Command::new(bin);
+        let mut cmd = crate::child::command(launcher, bin);
         cmd.arg("-p")
             .arg(prefix)
             .arg("-c")
@@ -132,6 +141,13 @@ mod tests {
             2,
         );
         assert!(!conf.contains('@'), "placeholder left in:\n{conf}");
+        let single = render(
+            Path::new("/tmp/x"),
+            "127.0.0.1:1000".parse().unwrap(),
+            "127.0.0.1:2000".parse().unwrap(),
+            0,
+        );
+        assert!(single.contains("master_process off;") && single.contains("worker_processes 1;"));
         for needed in [
             "worker_processes 2;",
             "server 127.0.0.1:2000;",

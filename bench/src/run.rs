@@ -13,6 +13,8 @@ use crate::child::Proc;
 use crate::coldstart::{self, ColdStart};
 use crate::datapath::{self, LoadSettings, Target};
 use crate::error::{Context, Error, Result};
+use crate::haproxy::{self, Haproxy};
+use crate::instructions::{self, CountSettings};
 use crate::machine::Machine;
 use crate::nginx::{self, Nginx};
 use crate::procfs;
@@ -48,7 +50,17 @@ pub struct Args {
     /// each: idle timeout, autoscaler tick, replica stop).
     #[arg(long, default_value_t = 5)]
     pub cycled_samples: usize,
-    /// Parts to skip: data-path, cold-start, memory, autoscaler (comma-separated).
+    /// Requests counted per proxy under callgrind (instructions per request).
+    #[arg(long, default_value_t = 20_000)]
+    pub count_requests: u64,
+    /// Requests sent to a proxy under callgrind before its counters are zeroed.
+    #[arg(long, default_value_t = 2_000)]
+    pub count_warmup: u64,
+    /// Concurrency of the counted requests.
+    #[arg(long, default_value_t = 64)]
+    pub count_concurrency: usize,
+    /// Parts to skip: data-path, instructions, cold-start, memory, autoscaler
+    /// (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
 }
@@ -85,9 +97,106 @@ pub struct DataPath {
     /// Per proxy, before the first run: RSS, KiB.
     pub idle_rss_kib: Vec<(String, u64)>,
     pub nginx_version: Option<String>,
+    #[serde(default)]
+    pub haproxy_version: Option<String>,
+    /// Instructions per request of each proxy (callgrind), when valgrind is installed.
+    #[serde(default)]
+    pub instructions: Vec<crate::instructions::Count>,
+    #[serde(default)]
+    pub instructions_settings: Option<crate::instructions::CountSettings>,
     /// The second opinion of wrk at the high concurrencies, when it is installed.
     pub wrk: Vec<crate::wrk::WrkRun>,
     pub wrk_version: Option<String>,
+}
+
+/// `zeroscale-bench count`: the instruction counts alone (quick to repeat while working
+/// on the data path), with a backend of their own.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CountArgs {
+    /// Proxies to count: zeroscale, nginx, haproxy (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "zeroscale,nginx,haproxy")]
+    pub targets: Vec<String>,
+    /// Requests counted per proxy.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: u64,
+    /// Requests sent before the counters are zeroed.
+    #[arg(long, default_value_t = 2_000)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Where the dumps and logs go.
+    #[arg(long, default_value = "bench/out/count")]
+    pub work: PathBuf,
+}
+
+pub fn count_main(args: CountArgs) -> Result<()> {
+    let bench_bin = std::env::current_exe().context("locating zeroscale-bench")?;
+    let zeroscale = bench_bin
+        .parent()
+        .map(|d| d.join("zeroscale"))
+        .context("locating zeroscale")?;
+    if !instructions::available() {
+        return Err(Error::msg("valgrind and callgrind_control are needed"));
+    }
+    let _ = std::fs::remove_dir_all(&args.work);
+    std::fs::create_dir_all(&args.work).context("creating the work directory")?;
+    let work = std::fs::canonicalize(&args.work).context("resolving the work directory")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let settings = LoadSettings {
+        warmup_ms: 0,
+        duration_ms: 0,
+        rounds: 1,
+        concurrency: vec![],
+        max_concurrency: 0,
+        host: "bench.default".into(),
+    };
+    let cs = CountSettings {
+        warmup_requests: args.warmup,
+        requests: args.requests,
+        concurrency: args.concurrency,
+        idle_ms: 3000,
+    };
+    let mut log = |line: &str| eprintln!("{line}");
+    let port = free_port()?;
+    let mut cmd = Command::new(&bench_bin);
+    cmd.arg("backend").arg("--port").arg(port.to_string());
+    let _backend = Proc::spawn(
+        "backend",
+        cmd,
+        &work.join("backend.log"),
+        Duration::from_secs(2),
+    )?;
+    runtime.block_on(crate::http::wait_for_status(
+        loopback(port),
+        &settings.host,
+        "/",
+        StatusCode::OK,
+        Duration::from_secs(10),
+    ))?;
+    let mut counts = Vec::new();
+    for t in &args.targets {
+        let c = match t.as_str() {
+            "zeroscale" => count_zeroscale(
+                &runtime, &bench_bin, &zeroscale, &work, &settings, &cs, &mut log,
+            )?,
+            other => count_reference(
+                &runtime,
+                &bench_bin,
+                &work,
+                loopback(port),
+                &settings,
+                &cs,
+                other,
+                &mut log,
+            )?,
+        };
+        counts.extend(c);
+    }
+    println!("{}", serde_json::to_string_pretty(&counts)?);
+    Ok(())
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -133,10 +242,24 @@ pub fn main(args: Args) -> Result<()> {
             host: "bench.default".into(),
         };
         log(&format!(
-            "data path: 3 targets, about {:?} of load",
-            datapath::expected_duration(&settings, 3)
+            "data path: 4 targets, about {:?} of load",
+            datapath::expected_duration(&settings, 4)
         ));
-        match data_path(&runtime, &bench_bin, &zeroscale, &work, &settings, &mut log) {
+        let counting = (!skip("instructions")).then_some(CountSettings {
+            warmup_requests: args.count_warmup,
+            requests: args.count_requests,
+            concurrency: args.count_concurrency,
+            idle_ms: 3000,
+        });
+        match data_path(
+            &runtime,
+            &bench_bin,
+            &zeroscale,
+            &work,
+            &settings,
+            counting.as_ref(),
+            &mut log,
+        ) {
             Ok((dp, notes)) => {
                 results.data_path = Some(dp);
                 results.notes.extend(notes);
@@ -262,11 +385,24 @@ impl Dev {
         dir: &Path,
         manifests: &str,
     ) -> Result<Self> {
+        Self::start_behind(runtime, zeroscale, dir, manifests, &[])
+    }
+
+    /// Starts dev behind `launcher` (the profiler's command line) when it is not empty.
+    fn start_behind(
+        runtime: &tokio::runtime::Runtime,
+        zeroscale: &Path,
+        dir: &Path,
+        manifests: &str,
+        launcher: &[String],
+    ) -> Result<Self> {
+        // Under the profiler everything takes tens of times longer.
+        let slow = if launcher.is_empty() { 1 } else { 10 };
         std::fs::create_dir_all(dir).context(format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("functions.yaml"), manifests).context("writing manifests")?;
         let listen = loopback(free_port()?);
         let admin = loopback(free_port()?);
-        let mut cmd = Command::new(zeroscale);
+        let mut cmd = crate::child::command(launcher, zeroscale);
         cmd.arg("dev")
             .arg("-f")
             .arg(dir.join("functions.yaml"))
@@ -285,7 +421,7 @@ impl Dev {
             "localhost",
             "/readyz",
             StatusCode::OK,
-            Duration::from_secs(20),
+            Duration::from_secs(20 * slow),
         ));
         if let Err(e) = ready {
             proc.check_running()?;
@@ -378,6 +514,7 @@ fn data_path(
     zeroscale: &Path,
     work: &Path,
     settings: &LoadSettings,
+    counting: Option<&CountSettings>,
     log: &mut dyn FnMut(&str),
 ) -> Result<(DataPath, Vec<String>)> {
     let mut notes = Vec::new();
@@ -427,7 +564,7 @@ fn data_path(
     let nginx = match &nginx_bin {
         Some(bin) => {
             let listen = loopback(free_port()?);
-            let mut n = Nginx::start(bin, &work.join("nginx"), listen, backend, workers)?;
+            let mut n = Nginx::start(bin, &work.join("nginx"), listen, backend, workers, &[])?;
             if let Err(e) = runtime.block_on(crate::http::wait_for_status(
                 listen,
                 &settings.host,
@@ -443,6 +580,30 @@ fn data_path(
         None => {
             notes.push(
                 "nginx is not installed: its rows are missing (make bench installs it)".into(),
+            );
+            None
+        }
+    };
+
+    let haproxy = match haproxy::binary() {
+        Some(bin) => {
+            let listen = loopback(free_port()?);
+            let mut h = Haproxy::start(&bin, &work.join("haproxy"), listen, backend, workers, &[])?;
+            if let Err(e) = runtime.block_on(crate::http::wait_for_status(
+                listen,
+                &settings.host,
+                "/",
+                StatusCode::OK,
+                Duration::from_secs(10),
+            )) {
+                h.proc.check_running()?;
+                return Err(e);
+            }
+            Some(h)
+        }
+        None => {
+            notes.push(
+                "haproxy is not installed: its rows are missing (make bench installs it)".into(),
             );
             None
         }
@@ -473,6 +634,17 @@ fn data_path(
             pids: n.pids(),
         });
     }
+    if let Some(h) = &haproxy {
+        targets.push(Target {
+            name: "haproxy".into(),
+            addr: h.listen,
+            description: format!(
+                "through {} as a keep-alive reverse proxy, {workers} threads",
+                h.version
+            ),
+            pids: h.pids(),
+        });
+    }
     let rss = |pids: &[u32]| -> u64 { procfs::Sample::take(pids).map(|s| s.rss_kib).unwrap_or(0) };
     let idle_rss_kib = targets
         .iter()
@@ -487,7 +659,15 @@ fn data_path(
             let mut levels = vec![64, settings.max_concurrency];
             levels.dedup();
             let duration_s = (settings.duration_ms / 1000).max(1);
-            match crate::wrk::measure(&bin, &targets, &settings.host, &levels, duration_s, log) {
+            match crate::wrk::measure(
+                &bin,
+                &targets,
+                &settings.host,
+                &levels,
+                duration_s,
+                settings.rounds,
+                log,
+            ) {
                 Ok(w) => (w, Some(crate::wrk::version(&bin))),
                 Err(e) => {
                     notes.push(format!("wrk cross-check failed: {e}"));
@@ -518,6 +698,48 @@ fn data_path(
                 .into(),
         );
     }
+    let counts = match counting {
+        Some(cs) if instructions::available() => {
+            let mut counts = Vec::new();
+            for (name, result) in [
+                (
+                    "zeroscale",
+                    count_zeroscale(runtime, bench_bin, zeroscale, work, settings, cs, log),
+                ),
+                (
+                    "nginx",
+                    count_reference(
+                        runtime, bench_bin, work, backend, settings, cs, "nginx", log,
+                    ),
+                ),
+                (
+                    "haproxy",
+                    count_reference(
+                        runtime, bench_bin, work, backend, settings, cs, "haproxy", log,
+                    ),
+                ),
+            ] {
+                match result {
+                    Ok(Some(c)) => counts.push(c),
+                    Ok(None) => {}
+                    Err(e) => {
+                        log(&format!("  instructions of {name} failed: {e}"));
+                        notes.push(format!("instructions of {name}: {e}"));
+                    }
+                }
+            }
+            counts
+        }
+        Some(_) => {
+            notes.push(
+                "valgrind is not installed: no instruction counts (apt-get install valgrind)"
+                    .into(),
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+
     let dp = DataPath {
         load_generator: "zeroscale-bench load: a hyper HTTP/1.1 client, keep-alive, closed loop, \
                          HDR histogram (separate process)"
@@ -531,13 +753,133 @@ fn data_path(
         peak_rss_kib,
         idle_rss_kib,
         nginx_version: nginx.as_ref().map(|n| n.version.clone()),
+        haproxy_version: haproxy.as_ref().map(|h| h.version.clone()),
+        instructions: counts,
+        instructions_settings: counting.cloned(),
         wrk,
         wrk_version,
     };
     drop(nginx);
+    drop(haproxy);
     drop(dev);
     drop(own_backend);
     Ok((dp, notes))
+}
+
+/// Instructions per request of the activator: a second `zeroscale dev` under callgrind,
+/// with its own replica of the same backend binary.
+pub(crate) fn count_zeroscale(
+    runtime: &tokio::runtime::Runtime,
+    bench_bin: &Path,
+    zeroscale: &Path,
+    work: &Path,
+    settings: &LoadSettings,
+    cs: &CountSettings,
+    log: &mut dyn FnMut(&str),
+) -> Result<Option<instructions::Count>> {
+    let dir = work.join("callgrind");
+    std::fs::create_dir_all(&dir).context("creating the callgrind directory")?;
+    let out = dir.join("zeroscale");
+    let dev = Dev::start_behind(
+        runtime,
+        zeroscale,
+        &work.join("dev-callgrind"),
+        &function_manifest("bench", bench_bin, 1, 1, "1h"),
+        &instructions::launcher(&out),
+    )
+    .context("starting zeroscale dev under callgrind")?;
+    runtime
+        .block_on(crate::http::wait_for_status(
+            dev.listen,
+            &settings.host,
+            "/",
+            StatusCode::OK,
+            Duration::from_secs(120),
+        ))
+        .context("waiting for the bench Function through the activator under callgrind")?;
+    let c = instructions::count(
+        "zeroscale",
+        bench_bin,
+        dev.proc.pid(),
+        &out,
+        dev.listen,
+        &settings.host,
+        cs,
+    )?;
+    log(&format!(
+        "  instructions zeroscale {:>9.0} per request ({} requests)",
+        c.per_request, c.requests
+    ));
+    Ok(Some(c))
+}
+
+/// Instructions per request of nginx (one process) or HAProxy (one thread) under
+/// callgrind, in front of `backend`. `None` when it is not installed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn count_reference(
+    runtime: &tokio::runtime::Runtime,
+    bench_bin: &Path,
+    work: &Path,
+    backend: SocketAddr,
+    settings: &LoadSettings,
+    cs: &CountSettings,
+    which: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<Option<instructions::Count>> {
+    let dir = work.join("callgrind");
+    std::fs::create_dir_all(&dir).context("creating the callgrind directory")?;
+    let out = dir.join(which);
+    let launcher = instructions::launcher(&out);
+    let listen = loopback(free_port()?);
+    let (mut proc, pid) = match which {
+        "nginx" => {
+            let Some(bin) = nginx::binary() else {
+                return Ok(None);
+            };
+            let n = Nginx::start(
+                &bin,
+                &work.join("nginx-callgrind"),
+                listen,
+                backend,
+                0,
+                &launcher,
+            )?;
+            let pid = n.proc.pid();
+            (n.proc, pid)
+        }
+        _ => {
+            let Some(bin) = haproxy::binary() else {
+                return Ok(None);
+            };
+            let h = Haproxy::start(
+                &bin,
+                &work.join("haproxy-callgrind"),
+                listen,
+                backend,
+                1,
+                &launcher,
+            )?;
+            let pid = h.proc.pid();
+            (h.proc, pid)
+        }
+    };
+    if let Err(e) = runtime.block_on(crate::http::wait_for_status(
+        listen,
+        &settings.host,
+        "/",
+        StatusCode::OK,
+        Duration::from_secs(60),
+    )) {
+        proc.check_running()?;
+        return Err(e);
+    }
+    let c = instructions::count(which, bench_bin, pid, &out, listen, &settings.host, cs)?;
+    log(&format!(
+        "  instructions {which:<9} {:>9.0} per request ({} requests)",
+        c.per_request, c.requests
+    ));
+    drop(proc);
+    Ok(Some(c))
 }
 
 /// Starts dev with the `bench` Function and returns it with its replica's pid and port.

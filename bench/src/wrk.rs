@@ -2,9 +2,11 @@
 //! targets at the high concurrencies, so a conclusion that holds with one load generator
 //! but not the other shows up in the report. wrk costs less CPU per request than the
 //! harness's hyper client, which matters on 2 CPUs where the client competes with the
-//! proxy. It has no warm-up of its own: a 1 s run is made and discarded first. The
-//! proxies' CPU is read from `/proc` around the measured run, so wrk's start (threads,
-//! connections: well under a millisecond here) falls inside that window.
+//! proxy. It runs with one thread (`-t1`, one event loop like a proxy worker), in rounds
+//! that alternate the targets like the harness's own runs; each cell reports the round
+//! with the median throughput. It has no warm-up of its own: a 1 s run is made and
+//! discarded first. The proxies' CPU is read from `/proc` around the measured run, so
+//! wrk's start (a thread, connections: well under a millisecond here) falls inside it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,6 +22,8 @@ use crate::procfs::Sample;
 pub struct WrkRun {
     pub target: String,
     pub concurrency: usize,
+    #[serde(default)]
+    pub round: usize,
     pub threads: usize,
     pub duration_s: u64,
     pub requests: u64,
@@ -57,48 +61,78 @@ pub fn version(bin: &PathBuf) -> String {
         .unwrap_or_else(|| "wrk".into())
 }
 
-/// Runs wrk against every target at each concurrency, targets interleaved.
+/// wrk's threads: one, as in the measurements (`wrk -t1 -c64`).
+const THREADS: usize = 1;
+
+/// Runs wrk against every target at each concurrency, `rounds` times, targets interleaved
+/// and the first one rotating each round. Returns every run.
 pub fn measure(
     bin: &PathBuf,
     targets: &[Target],
     host: &str,
     levels: &[usize],
     duration_s: u64,
+    rounds: usize,
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<WrkRun>> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = THREADS;
     let mut out = Vec::new();
-    for &c in levels {
-        for t in targets {
-            // Warm-up, discarded.
-            run(bin, t, host, c, threads, 1)?;
-            let before = sample(&t.pids)?;
-            let text = run(bin, t, host, c, threads, duration_s)?;
-            let after = sample(&t.pids)?;
-            let mut r = parse(&text).context(format!("reading wrk's output:\n{text}"))?;
-            r.target = t.name.clone();
-            r.concurrency = c;
-            r.threads = threads;
-            r.duration_s = duration_s;
-            if let (Some(a), Some(b)) = (before, after)
-                && r.requests > 0
-            {
-                r.proxy_cpu_us_per_request =
-                    Some(a.cpu_seconds_until(&b) * 1e6 / r.requests as f64);
+    for round in 0..rounds.max(1) {
+        for &c in levels {
+            for i in 0..targets.len() {
+                let t = &targets[(i + round) % targets.len()];
+                // Warm-up, discarded.
+                run(bin, t, host, c, threads, 1)?;
+                let before = sample(&t.pids)?;
+                let text = run(bin, t, host, c, threads, duration_s)?;
+                let after = sample(&t.pids)?;
+                let mut r = parse(&text).context(format!("reading wrk's output:\n{text}"))?;
+                r.target = t.name.clone();
+                r.concurrency = c;
+                r.round = round;
+                r.threads = threads;
+                r.duration_s = duration_s;
+                if let (Some(a), Some(b)) = (before, after)
+                    && r.requests > 0
+                {
+                    r.proxy_cpu_us_per_request =
+                        Some(a.cpu_seconds_until(&b) * 1e6 / r.requests as f64);
+                }
+                log(&format!(
+                    "  wrk round {} c={c:<4} {:<10} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>8.1} us",
+                    round + 1,
+                    t.name,
+                    r.rps,
+                    r.p50_us.unwrap_or(f64::NAN),
+                    r.p99_us.unwrap_or(f64::NAN)
+                ));
+                out.push(r);
             }
-            log(&format!(
-                "  wrk c={c:<4} {:<10} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>8.1} us",
-                t.name,
-                r.rps,
-                r.p50_us.unwrap_or(f64::NAN),
-                r.p99_us.unwrap_or(f64::NAN)
-            ));
-            out.push(r);
         }
     }
     Ok(out)
+}
+
+/// The round with the median throughput of each (target, concurrency), in run order.
+pub fn median_runs(runs: &[WrkRun]) -> Vec<WrkRun> {
+    let mut out: Vec<WrkRun> = Vec::new();
+    for r in runs {
+        if out
+            .iter()
+            .any(|o| o.target == r.target && o.concurrency == r.concurrency)
+        {
+            continue;
+        }
+        let mut same: Vec<&WrkRun> = runs
+            .iter()
+            .filter(|o| o.target == r.target && o.concurrency == r.concurrency)
+            .collect();
+        same.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        if let Some(mid) = same.get(same.len() / 2) {
+            out.push((*mid).clone());
+        }
+    }
+    out
 }
 
 fn sample(pids: &[u32]) -> Result<Option<Sample>> {

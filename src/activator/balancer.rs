@@ -23,12 +23,13 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    pub(crate) fn new(addr: SocketAddr) -> Arc<Self> {
+    /// A replica whose connections are used by `threads` data-plane threads.
+    pub(crate) fn new(addr: SocketAddr, threads: usize) -> Arc<Self> {
         Arc::new(Self {
             addr,
             in_flight: AtomicU64::new(0),
             routed: AtomicU32::new(0),
-            idle: IdleConns::default(),
+            idle: IdleConns::new(threads),
         })
     }
 
@@ -163,7 +164,7 @@ mod tests {
 
     fn replicas(n: u16) -> Vec<Arc<Replica>> {
         (0..n)
-            .map(|i| Replica::new(SocketAddr::from(([10, 0, 0, 1], 8000 + i))))
+            .map(|i| Replica::new(SocketAddr::from(([10, 0, 0, 1], 8000 + i)), 1))
             .collect()
     }
 

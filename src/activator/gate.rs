@@ -47,6 +47,8 @@ pub(crate) struct Admitted {
     pub(crate) lease: Lease,
     /// It waited for a wake from zero.
     pub(crate) cold: bool,
+    /// It waited in the queue (for a wake or for capacity).
+    pub(crate) queued: bool,
 }
 
 /// A request's place in the queue; leaving (served, timed out, or the client went away
@@ -93,7 +95,13 @@ pub(crate) async fn admit(
     // Fast path. With a concurrency cap, queued requests go first.
     if conf.container_concurrency.is_none() || traffic.counters.queued.load(Ordering::SeqCst) == 0 {
         match balancer::pick(&fs.replicas(), conf.container_concurrency, tried) {
-            Ok(lease) => return Ok(Admitted { lease, cold: false }),
+            Ok(lease) => {
+                return Ok(Admitted {
+                    lease,
+                    cold: false,
+                    queued: false,
+                });
+            }
             Err(NoReplica::AllTried) => return Err(unreachable(fs, tried)),
             Err(NoReplica::Empty) => {
                 if let Some(reason) = &conf.startup_failure {
@@ -123,7 +131,13 @@ pub(crate) async fn admit(
         }
         let conf = fs.conf();
         match balancer::pick(&fs.replicas(), conf.container_concurrency, tried) {
-            Ok(lease) => return Ok(Admitted { lease, cold }),
+            Ok(lease) => {
+                return Ok(Admitted {
+                    lease,
+                    cold,
+                    queued: true,
+                });
+            }
             Err(NoReplica::AllTried) => return Err(unreachable(fs, tried)),
             Err(NoReplica::Empty) => {
                 if let Some(reason) = &conf.startup_failure {

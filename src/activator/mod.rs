@@ -6,15 +6,18 @@
 //! and wake), `balancer` (P2C least in flight, per-replica caps), `pool` (keep-alive
 //! connections per replica), `proxy` (headers, bodies, upgrades, retries), `stats`
 //! (autoscaler counters, Prometheus) and `error` (the one mapping from typed failures
-//! to HTTP answers).
+//! to HTTP answers); `client` is a client connection's state and timer, `workers` the
+//! data plane's thread per core.
 //!
 //! Answers hyper gives itself, before a request reaches the proxy: 400 for a malformed
 //! request and 431 for a head larger than `max_header_bytes` (HTTP/1.1); a client that
 //! does not finish its head within `header_read_timeout` is disconnected (that timeout
 //! also closes client keep-alive connections idle that long). `timeouts.request` bounds
-//! the wait for a replica's response head; a streamed body may then take longer.
+//! the wait for a replica's response head; a streamed body may then take longer. Both
+//! run on one timer per client connection (`client`), not on a timer per request.
 
 mod balancer;
+mod client;
 pub mod drain;
 mod error;
 mod gate;
@@ -23,6 +26,7 @@ mod pool;
 mod proxy;
 mod routing;
 mod stats;
+mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,10 +39,9 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -49,9 +52,10 @@ use crate::platform::{EndpointsEvent, FunctionEvent, Platform};
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, AdminRoute, Readiness};
 
-use self::proxy::ConnInfo;
+use self::client::{ClientBody, ClientConn, ClientIo, Drain, DrainWatch, Watched};
 use self::routing::{Conf, Table};
 use self::stats::Metrics;
+use self::workers::{OpenConn, Workers};
 
 /// Errors of the activator.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,10 @@ pub struct Config {
     /// CIDRs or addresses, e.g. an ingress controller's pod network). Others' are replaced.
     #[arg(long, env = "ZEROSCALE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = cidr_arg)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Threads serving Function traffic, each with its own event loop (default: one per
+    /// CPU the process may use).
+    #[arg(long, env = "ZEROSCALE_DATA_PLANE_THREADS")]
+    pub data_plane_threads: Option<usize>,
     #[command(flatten)]
     pub shared: crate::api::config::SharedArgs,
 }
@@ -136,6 +144,9 @@ pub async fn run(config: Config) -> crate::Result<()> {
         header_read_timeout: config.header_read_timeout,
         drain_timeout: config.drain_timeout,
         trusted_proxies: config.trusted_proxies.clone(),
+        workers: config
+            .data_plane_threads
+            .unwrap_or_else(Settings::threads_per_cpu),
         ..Settings::default()
     };
     let client = kube::Client::try_default().await?;
@@ -228,6 +239,17 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Idle keep-alive connections to replicas are closed after this.
     pub pool_idle_timeout: Duration,
+    /// Data-plane threads (`workers`), each a single-threaded runtime serving the
+    /// connections handed to it; 0 serves every connection on the runtime that calls
+    /// [`Activator::run`] (what the tests do, to control its clock).
+    pub workers: usize,
+}
+
+impl Settings {
+    /// One data-plane thread per CPU this process may use.
+    pub fn threads_per_cpu() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
 }
 
 impl Default for Settings {
@@ -243,6 +265,7 @@ impl Default for Settings {
             trusted_proxies: Vec::new(),
             connect_timeout: Duration::from_secs(3),
             pool_idle_timeout: Duration::from_secs(90),
+            workers: 0,
         }
     }
 }
@@ -268,7 +291,7 @@ impl Activator {
     ) -> crate::Result<Arc<Self>> {
         let metrics = Metrics::new(registry).map_err(Error::from)?;
         Ok(Arc::new(Self {
-            table: RwLock::new(Table::new(&settings.cluster_domain)),
+            table: RwLock::new(Table::new(&settings.cluster_domain, settings.workers)),
             settings,
             platform,
             metrics,
@@ -309,8 +332,8 @@ impl Activator {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
+            // The connection's own timer enforces it (see `client`), not one per request.
+            .header_read_timeout(None)
             .max_buf_size(self.settings.max_header_bytes.max(8192));
         builder
             .http2()
@@ -318,8 +341,22 @@ impl Activator {
             .max_header_list_size(
                 u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
             );
-        let graceful = GracefulShutdown::new();
-        info!(addr = ?listener.local_addr().ok(), id = %self.settings.id, "activator listening");
+        let drain = Drain::new();
+        let workers = match self.settings.workers {
+            0 => None,
+            n => {
+                let (act, builder) = (self.clone(), builder.clone());
+                let serve = move |stream, peer, drain, open| {
+                    act.serve(&builder, stream, peer, drain, Some(open));
+                };
+                Some(Workers::start(n, serve).map_err(|source| crate::Error::Io {
+                    context: "starting the data-plane threads".into(),
+                    source,
+                })?)
+            }
+        };
+        info!(addr = ?listener.local_addr().ok(), id = %self.settings.id,
+            threads = self.settings.workers, "activator listening");
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -334,31 +371,62 @@ impl Activator {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let conn_info = Arc::new(ConnInfo::new(peer, &self.settings.trusted_proxies));
-            let act = self.clone();
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let act = act.clone();
-                let conn_info = conn_info.clone();
-                async move { Ok::<_, Infallible>(proxy::handle(&act, &conn_info, req).await) }
-            });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(%peer, error = %e, "client connection ended with an error");
-                }
-            });
+            match &workers {
+                Some(w) => w.hand_off(stream, peer, drain.watcher()),
+                None => self.serve(&builder, stream, peer, drain.watcher(), None),
+            }
         }
         drop(listener);
         info!(timeout = ?self.settings.drain_timeout, "stopped accepting; draining");
-        match tokio::time::timeout(self.settings.drain_timeout, graceful.shutdown()).await {
+        match tokio::time::timeout(self.settings.drain_timeout, drain.drain()).await {
             Ok(()) => info!("drained"),
             Err(_) => warn!("drain timeout passed; cutting the remaining connections"),
         }
+        if let Some(w) = workers {
+            w.stop().await;
+        }
         follower.abort();
         Ok(())
+    }
+
+    /// Serves one client connection on the current runtime, in a task of its own.
+    fn serve(
+        self: &Arc<Self>,
+        builder: &auto::Builder<TokioExecutor>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        drain: DrainWatch,
+        open: Option<OpenConn>,
+    ) {
+        let client = ClientConn::new(
+            peer,
+            &self.settings.trusted_proxies,
+            self.settings.header_read_timeout,
+        );
+        let act = self.clone();
+        let svc_client = client.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let act = act.clone();
+            let active = svc_client.request_started(req.version());
+            async move {
+                let resp = proxy::handle(&act, active.client(), req).await;
+                Ok::<_, Infallible>(resp.map(|body| ClientBody::new(body, active)))
+            }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(ClientIo::new(stream, client.clone()), svc)
+            .into_owned();
+        let conn = Watched::new(conn, client, drain, |c| c.graceful_shutdown());
+        tokio::spawn(async move {
+            let _open = open;
+            match conn.await {
+                Some(Err(e)) => {
+                    debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                None => debug!(%peer, "no request head within the header read timeout"),
+                Some(Ok(())) => {}
+            }
+        });
     }
 
     /// Applies the platform's events to the routing table until `shutdown`.
@@ -443,7 +511,8 @@ impl Activator {
     /// Whether a raw `Host` value routes to a Function: the normalisation and table
     /// lookup a request pays, exposed so the benchmark harness (`bench/`) can time it.
     pub fn routes(&self, host: &str) -> bool {
-        crate::api::hosts::normalize_host(host).is_some_and(|h| self.table().lookup(&h).is_some())
+        crate::api::hosts::normalize_host_ref(host)
+            .is_some_and(|h| self.table().lookup(&h).is_some())
     }
 
     /// Requests in flight to one replica now; `dev` waits for zero before it stops a

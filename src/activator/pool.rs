@@ -2,11 +2,18 @@
 //! replica (so there is no pool-wide lock), checked out per request and checked back in
 //! when its response has been read to the end.
 //!
+//! With one data-plane thread per core (`workers`), each replica keeps one stack per
+//! thread: a connection's driving task runs on the thread that opened it, so a request
+//! takes its thread's own connections (no cross-thread wake-ups per request) and gives
+//! each back to the stack of the thread it belongs to. Only a request that would
+//! otherwise wait for a connect slot borrows another thread's idle connection.
+//!
 //! Written on hyper's connection API rather than hyper-util's legacy `Client` because
 //! the proxy needs what that client hides: whether a failure happened before the request
 //! was written (then it is retried, on another replica for a connect failure), and no
 //! extra task per request to return a connection to the pool.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -29,8 +36,44 @@ const MAX_IDLE_PER_REPLICA: usize = 512;
 /// overflowing a fresh replica's accept backlog (Python's http.server listens with 5).
 const MAX_CONNECTING_PER_REPLICA: usize = 8;
 
+thread_local! {
+    /// The data-plane thread this is (see `workers`); 0 on any other thread.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as data-plane thread `index`.
+pub(crate) fn set_worker(index: usize) {
+    WORKER.set(index);
+}
+
 /// An HTTP/1.1 connection to a replica, ready for a request.
-pub(crate) type Conn = SendRequest<UpstreamBody>;
+pub(crate) struct Conn {
+    send: SendRequest<UpstreamBody>,
+    /// The thread whose runtime drives it.
+    home: usize,
+}
+
+impl Conn {
+    pub(crate) fn try_send_request(
+        &mut self,
+        req: http::Request<UpstreamBody>,
+    ) -> impl Future<
+        Output = Result<
+            http::Response<hyper::body::Incoming>,
+            hyper::client::conn::TrySendError<http::Request<UpstreamBody>>,
+        >,
+    > + use<> {
+        self.send.try_send_request(req)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.send.is_closed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.send.is_ready()
+    }
+}
 
 /// Why a replica could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -51,23 +94,50 @@ pub(crate) enum ConnectError {
     },
 }
 
-/// The idle connections of one replica, newest last.
-#[derive(Default)]
+/// Idle connections with when each came back, newest last.
+type Stack = Mutex<Vec<(Conn, Instant)>>;
+
+/// The idle connections of one replica, one stack per data-plane thread.
 pub(crate) struct IdleConns {
-    stack: Mutex<Vec<(Conn, Instant)>>,
+    stacks: Box<[Stack]>,
+    /// Idle connections kept per stack at most.
+    max_idle: usize,
     connecting: AtomicUsize,
-    /// A connection was checked in, or a connect finished.
+    /// Requests waiting in [`Self::acquire`] for a connection to come back.
+    waiting: AtomicUsize,
+    /// A connection was checked in, or a connect finished (notified only when someone
+    /// waits: the common checkout and checkin touch no waiter list).
     changed: Notify,
 }
 
 impl std::fmt::Debug for IdleConns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.stack.lock().map_or(0, |s| s.len());
+        let n: usize = self
+            .stacks
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.len()))
+            .sum();
         f.debug_struct("IdleConns").field("idle", &n).finish()
     }
 }
 
 impl IdleConns {
+    /// Idle connections for `threads` data-plane threads (at least one stack).
+    pub(crate) fn new(threads: usize) -> Self {
+        let threads = threads.max(1);
+        Self {
+            stacks: (0..threads).map(|_| Mutex::new(Vec::new())).collect(),
+            max_idle: (MAX_IDLE_PER_REPLICA / threads).max(1),
+            connecting: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn stack(&self, thread: usize) -> &Stack {
+        &self.stacks[thread % self.stacks.len()]
+    }
+
     /// A connection for one request: an idle one, a new one, or, while the most
     /// connects are under way, the first one to come back. `true` when it was pooled.
     pub(crate) async fn acquire(
@@ -75,28 +145,55 @@ impl IdleConns {
         addr: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<(Conn, bool), ConnectError> {
+        let here = WORKER.get();
+        if let Some(conn) = self.checkout(here) {
+            return Ok((conn, true));
+        }
         loop {
+            // The slot is given back however the connect ends, also when the request
+            // stops waiting for it (its timeout, its client gone) and drops it midway.
+            let slot = Connecting::enter(self);
+            if slot.granted {
+                let result = connect(addr, connect_timeout).await;
+                drop(slot);
+                return result.map(|send| (Conn { send, home: here }, false));
+            }
+            drop(slot);
+            // Announce the wait before looking again: a checkin that pushes after this
+            // look sees `waiting` (the stack's lock orders the two) and notifies.
+            let _waiting = Waiting::enter(&self.waiting);
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Some(conn) = self.checkout() {
+            if let Some(conn) = self.checkout_any(here) {
                 return Ok((conn, true));
             }
-            if self.connecting.fetch_add(1, Ordering::AcqRel) < MAX_CONNECTING_PER_REPLICA {
-                let result = connect(addr, connect_timeout).await;
-                self.connecting.fetch_sub(1, Ordering::AcqRel);
-                self.changed.notify_one();
-                return result.map(|conn| (conn, false));
+            if self.connecting.load(Ordering::SeqCst) < MAX_CONNECTING_PER_REPLICA {
+                continue;
             }
-            self.connecting.fetch_sub(1, Ordering::AcqRel);
             changed.await;
+            if let Some(conn) = self.checkout_any(here) {
+                return Ok((conn, true));
+            }
         }
     }
 
-    /// The most recently used idle connection that is ready, if any. Closed ones are
-    /// dropped; one still finishing its last exchange is left for later.
-    fn checkout(&self) -> Option<Conn> {
-        let mut stack = self.stack.lock().ok()?;
+    fn wake_one(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_one();
+        }
+    }
+
+    /// An idle connection of any thread, this one's first.
+    fn checkout_any(&self, here: usize) -> Option<Conn> {
+        let n = self.stacks.len();
+        (0..n).find_map(|i| self.checkout(here + i))
+    }
+
+    /// The most recently used idle connection of `thread` that is ready, if any. Closed
+    /// ones are dropped; one still finishing its last exchange is left for later.
+    fn checkout(&self, thread: usize) -> Option<Conn> {
+        let mut stack = self.stack(thread).lock().ok()?;
         let mut i = stack.len();
         while i > 0 {
             i -= 1;
@@ -109,31 +206,76 @@ impl IdleConns {
         None
     }
 
-    /// Returns a connection whose last response was read to the end. Connections idle
-    /// longer than `idle_timeout` are closed on the way.
-    pub(crate) fn checkin(&self, conn: Conn, idle_timeout: Duration) {
+    /// Returns a connection whose last response was read to the end at `now`.
+    /// Connections idle longer than `idle_timeout` are closed on the way.
+    pub(crate) fn checkin(&self, conn: Conn, now: Instant, idle_timeout: Duration) {
         if conn.is_closed() {
             return;
         }
-        let Ok(mut stack) = self.stack.lock() else {
+        let Ok(mut stack) = self.stack(conn.home).lock() else {
             return;
         };
-        let now = Instant::now();
         let stale = stack
             .iter()
             .take_while(|(_, since)| now.saturating_duration_since(*since) > idle_timeout)
             .count();
         stack.drain(..stale);
-        if stack.len() < MAX_IDLE_PER_REPLICA {
+        if stack.len() < self.max_idle {
             stack.push((conn, now));
         }
         drop(stack);
-        self.changed.notify_one();
+        self.wake_one();
+    }
+}
+
+/// A connect in progress, counted in [`IdleConns::connecting`] until it is dropped.
+struct Connecting<'a> {
+    conns: &'a IdleConns,
+    /// Under the limit: this request may connect.
+    granted: bool,
+}
+
+impl<'a> Connecting<'a> {
+    fn enter(conns: &'a IdleConns) -> Self {
+        let before = conns.connecting.fetch_add(1, Ordering::SeqCst);
+        Self {
+            conns,
+            granted: before < MAX_CONNECTING_PER_REPLICA,
+        }
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.conns.connecting.fetch_sub(1, Ordering::SeqCst);
+        if self.granted {
+            // A connect slot is free: a request waiting for one may take it.
+            self.conns.wake_one();
+        }
+    }
+}
+
+/// One request counted in [`IdleConns::waiting`] while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Opens a new connection and spawns the task that drives it.
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<SendRequest<UpstreamBody>, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),

@@ -3,6 +3,7 @@
 //! the way out); upgrades become a byte tunnel; a connect failure is retried on another
 //! replica only while the request body is still untouched.
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,16 +17,17 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, warn};
+use tracing::{debug, warn};
 
 use super::Activator;
 use super::balancer::Lease;
+use super::client::ClientConn;
 use super::error::ProxyError;
 use super::gate::{self, Admitted, Traffic};
 use super::pool;
 use super::routing::{Conf, FunctionState};
 use crate::api::COLD_START_HEADER;
-use crate::api::hosts::normalize_host;
+use crate::api::hosts::normalize_host_ref;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -63,7 +65,7 @@ impl ConnInfo {
 /// Serves one request: routes it, proxies it, and maps any failure to its answer.
 pub(crate) async fn handle(
     act: &Arc<Activator>,
-    conn: &ConnInfo,
+    client: &ClientConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let Some(host) = request_host(&req) else {
@@ -74,7 +76,7 @@ pub(crate) async fn handle(
         if let Some(key) = super::drain::drain_request(&host, req.uri().path()) {
             return super::drain::serve(act, key).await;
         }
-        return ProxyError::UnknownHost(host).into_response();
+        return ProxyError::UnknownHost(host.into_owned()).into_response();
     };
     let traffic = fs.traffic(&act.metrics);
     let conf = fs.conf();
@@ -84,11 +86,9 @@ pub(crate) async fn handle(
         conf.container_concurrency.is_some(),
         act.settings.pool_idle_timeout,
     );
-    let span = tracing::debug_span!("request", function = %fs.key, method = %req.method());
-    let resp = match forward(act, &fs, &conf, traffic, guard, conn, host, req)
-        .instrument(span)
-        .await
-    {
+    // No span per request: the events below carry the Function themselves, and a span
+    // (even a disabled one) costs its setup on every request.
+    let resp = match forward(act, &fs, &conf, traffic, guard, client, req).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status() == StatusCode::BAD_GATEWAY {
@@ -106,10 +106,10 @@ pub(crate) async fn handle(
 }
 
 /// The host a request is for: `Host`, else the URI authority (HTTP/2), normalised.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
+fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
     match req.headers().get(header::HOST) {
-        Some(h) => normalize_host(h.to_str().ok()?),
-        None => normalize_host(req.uri().authority()?.as_str()),
+        Some(h) => normalize_host_ref(h.to_str().ok()?),
+        None => normalize_host_ref(req.uri().authority()?.as_str()),
     }
 }
 
@@ -120,8 +120,7 @@ async fn forward(
     conf: &Conf,
     traffic: &Traffic,
     mut guard: RequestGuard,
-    conn: &ConnInfo,
-    host: String,
+    client: &ClientConn,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if let Some(reason) = &conf.invalid {
@@ -134,13 +133,30 @@ async fn forward(
     if content_length(req.headers()).is_some_and(|len| len > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let upgrade = upgrade_protocol(&req);
+    let scan = HeaderScan::of(req.headers());
+    let upgrade = if scan.connection {
+        upgrade_protocol(&req)
+    } else {
+        None
+    };
+    // HTTP/2 has no Host header: the replica gets the authority's host instead.
+    let fallback_host = if req.headers().contains_key(header::HOST) {
+        None
+    } else {
+        request_host(&req).and_then(|h| HeaderValue::try_from(h.as_ref()).ok())
+    };
     // The response speaks the client's HTTP version, not the replica's: an HTTP/1.0
     // replica (python's http.server) must not cost an HTTP/1.1 client its keep-alive.
     let client_version = req.version();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(&mut parts.headers, conn, &host, upgrade);
+    prepare_request_headers(
+        &mut parts.headers,
+        scan,
+        &client.info,
+        fallback_host,
+        upgrade,
+    );
     let path = parts
         .uri
         .path_and_query()
@@ -160,34 +176,50 @@ async fn forward(
     let (resp, upstream) = loop {
         let Admitted {
             lease,
-            cold: waited,
+            cold: woken,
+            queued,
         } = gate::admit(fs, conf, traffic, &act.platform, deadline, &tried).await?;
-        cold |= waited;
+        cold |= woken;
         let replica = lease.replica().clone();
         guard.admitted(lease);
 
-        let request_deadline = Instant::now() + conf.request;
-        let acquired = tokio::time::timeout_at(
-            request_deadline,
-            replica
-                .idle
-                .acquire(replica.addr, act.settings.connect_timeout),
-        )
-        .await
-        .map_err(|_| ProxyError::RequestTimeout {
-            key: fs.key.clone(),
-            timeout: conf.request,
-        })?;
+        // From now: admitted at once on the first attempt is admitted at arrival.
+        let admitted_at = if queued || !tried.is_empty() || stale > 0 {
+            Instant::now()
+        } else {
+            guard.start
+        };
+        let request_deadline = admitted_at + conf.request;
+        let acquired = client
+            .bound(
+                client_version,
+                request_deadline,
+                replica
+                    .idle
+                    .acquire(replica.addr, act.settings.connect_timeout),
+            )
+            .await
+            .map_err(|_| ProxyError::RequestTimeout {
+                key: fs.key.clone(),
+                timeout: conf.request,
+            })?;
         let (mut upstream, pooled) = match acquired {
             Ok(c) => c,
             Err(e) => {
                 debug!(function = %fs.key, error = %e, "replica unreachable, trying another");
-                guard.release();
+                guard.release(Instant::now());
                 tried.push(replica.addr);
                 continue;
             }
         };
-        match tokio::time::timeout_at(request_deadline, upstream.try_send_request(up)).await {
+        match client
+            .bound(
+                client_version,
+                request_deadline,
+                upstream.try_send_request(up),
+            )
+            .await
+        {
             Err(_) => {
                 return Err(ProxyError::RequestTimeout {
                     key: fs.key.clone(),
@@ -199,7 +231,7 @@ async fn forward(
                 if is_body_too_large(e.error()) {
                     return Err(ProxyError::BodyTooLarge { limit });
                 }
-                guard.release();
+                guard.release(Instant::now());
                 let Some(unsent) = e.take_message() else {
                     return Err(ProxyError::Upstream {
                         key: fs.key.clone(),
@@ -249,9 +281,14 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     parts.version = client_version;
-    strip_hop_by_hop(&mut parts.headers, false);
+    let scan = HeaderScan::of(&parts.headers);
+    if scan.hop_by_hop {
+        strip_hop_by_hop(&mut parts.headers, false);
+    }
     // Only the activator says whether a response waited for a wake.
-    parts.headers.remove(&COLD_START);
+    if scan.cold_start {
+        parts.headers.remove(&COLD_START);
+    }
     if cold {
         parts
             .headers
@@ -266,6 +303,42 @@ async fn forward(
 
 /// Retries of a request on fresh connections after pooled ones turned out closed.
 const MAX_STALE_RETRIES: u32 = 3;
+
+/// What one pass over a message's header names finds: most messages carry no hop-by-hop
+/// or `X-Zeroscale-*` header, and then no removal (a hash lookup each) is needed.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HeaderScan {
+    hop_by_hop: bool,
+    connection: bool,
+    ours: bool,
+    cold_start: bool,
+}
+
+impl HeaderScan {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let mut scan = Self::default();
+        for name in headers.keys() {
+            if is_hop_by_hop(name) {
+                scan.hop_by_hop = true;
+                scan.connection |= name == header::CONNECTION;
+            } else if name.as_str().starts_with(ZEROSCALE_PREFIX) {
+                scan.ours = true;
+                scan.cold_start |= name == COLD_START;
+            }
+        }
+        scan
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -353,19 +426,20 @@ fn connection_listed(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
 
 /// Makes a client's request head fit to send on: hop-by-hop and `X-Zeroscale-*` headers
 /// removed, `X-Forwarded-*` set (the client's own kept only behind a trusted proxy),
-/// `Host` present.
+/// `Host` present (`fallback_host` when the client sent none). `scan` is
+/// [`HeaderScan::of`] these headers.
 pub(crate) fn prepare_request_headers(
     headers: &mut HeaderMap,
+    scan: HeaderScan,
     conn: &ConnInfo,
-    host: &str,
+    fallback_host: Option<HeaderValue>,
     upgrade: Option<HeaderValue>,
 ) {
     let original_host = headers.get(header::HOST).cloned();
-    strip_hop_by_hop(headers, false);
-    if headers
-        .keys()
-        .any(|k| k.as_str().starts_with(ZEROSCALE_PREFIX))
-    {
+    if scan.hop_by_hop {
+        strip_hop_by_hop(headers, false);
+    }
+    if scan.ours {
         let ours: Vec<HeaderName> = headers
             .keys()
             .filter(|k| k.as_str().starts_with(ZEROSCALE_PREFIX))
@@ -376,9 +450,7 @@ pub(crate) fn prepare_request_headers(
         }
     }
 
-    let host_value = original_host
-        .clone()
-        .or_else(|| HeaderValue::try_from(host).ok());
+    let host_value = original_host.clone().or(fallback_host);
     if conn.trusted {
         let prior: Vec<&[u8]> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -426,6 +498,8 @@ pub(crate) fn prepare_request_headers(
 pub(crate) struct RequestGuard {
     fs: Arc<FunctionState>,
     start: Instant,
+    /// `start` in the Function's counters' terms.
+    arrived: u64,
     lease: Option<Lease>,
     /// Replicas have a concurrency cap: a freed slot may let a queued request go.
     capped: bool,
@@ -444,10 +518,11 @@ impl RequestGuard {
         idle_timeout: std::time::Duration,
     ) -> Self {
         let start = Instant::now();
-        traffic.counters.arrive(start);
+        let arrived = traffic.counters.arrive(start);
         Self {
             fs,
             start,
+            arrived,
             lease: None,
             capped,
             upstream: None,
@@ -469,12 +544,14 @@ impl RequestGuard {
         self.lease = Some(lease);
     }
 
-    fn release(&mut self) {
+    /// Gives the replica slot back, and at `now` the connection if its response was read
+    /// to the end.
+    fn release(&mut self, now: Instant) {
         if let Some(lease) = self.lease.take() {
             if let Some(conn) = self.upstream.take()
                 && self.completed
             {
-                lease.replica().idle.checkin(conn, self.idle_timeout);
+                lease.replica().idle.checkin(conn, now, self.idle_timeout);
             }
             drop(lease);
             if let Some(t) = self.traffic() {
@@ -492,13 +569,12 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.release();
+        // One clock read for everything the end of a request updates.
+        let now = Instant::now();
+        self.release(now);
         if let Some(t) = self.traffic() {
-            let now = Instant::now();
-            t.counters.depart(now);
-            t.metrics
-                .duration
-                .observe(now.saturating_duration_since(self.start).as_secs_f64());
+            let present = t.counters.depart(now, self.arrived);
+            t.metrics.duration.observe(present.as_secs_f64());
         }
     }
 }
@@ -611,6 +687,10 @@ impl ProxyBody {
     fn empty() -> Self {
         Self::Empty
     }
+    #[cfg(test)]
+    pub(crate) fn empty_for_test() -> Self {
+        Self::Empty
+    }
     fn upstream(body: Incoming, mut guard: RequestGuard) -> Self {
         guard.completed = body.is_end_stream();
         Self::Upstream {
@@ -721,7 +801,8 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-zeroscale-cold-start", "true"),
         ]);
-        prepare_request_headers(&mut h, &conn, "f.ns", None);
+        let scan = HeaderScan::of(&h);
+        prepare_request_headers(&mut h, scan, &conn, None, None);
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-host"], "f.ns");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -736,7 +817,8 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        prepare_request_headers(&mut h, &conn, "f.ns", None);
+        let scan = HeaderScan::of(&h);
+        prepare_request_headers(&mut h, scan, &conn, None, None);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "f.ns");
@@ -746,10 +828,12 @@ mod tests {
     fn upgrade_headers_survive_on_upgrades() {
         let conn = ConnInfo::for_test("192.0.2.7".parse().unwrap(), false);
         let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let scan = HeaderScan::of(&h);
         prepare_request_headers(
             &mut h,
+            scan,
             &conn,
-            "f.ns",
+            Some(HeaderValue::from_static("f.ns")),
             Some(HeaderValue::from_static("websocket")),
         );
         assert_eq!(h["connection"], "upgrade");

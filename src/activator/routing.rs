@@ -184,6 +184,8 @@ pub(crate) struct Table {
     pending_endpoints: HashMap<FunctionKey, Vec<Endpoint>>,
     /// Every replica alive (in a ready set or still serving requests), by address.
     replicas_by_addr: HashMap<SocketAddr, Weak<Replica>>,
+    /// Data-plane threads using each replica's connections.
+    threads: usize,
 }
 
 fn short_host(key: &FunctionKey) -> Box<str> {
@@ -191,8 +193,9 @@ fn short_host(key: &FunctionKey) -> Box<str> {
 }
 
 impl Table {
-    pub(crate) fn new(cluster_domain: &str) -> Self {
+    pub(crate) fn new(cluster_domain: &str, threads: usize) -> Self {
         Self {
+            threads,
             svc_domain_suffix: format!(".svc.{cluster_domain}"),
             cluster_domain: cluster_domain.to_string(),
             functions: HashMap::new(),
@@ -407,7 +410,7 @@ impl Table {
             let replica = match self.replicas_by_addr.get(&ep.addr).and_then(Weak::upgrade) {
                 Some(r) => r,
                 None => {
-                    let r = Replica::new(ep.addr);
+                    let r = Replica::new(ep.addr, self.threads);
                     self.replicas_by_addr.insert(ep.addr, Arc::downgrade(&r));
                     r
                 }
@@ -490,7 +493,7 @@ mod tests {
 
     #[test]
     fn service_names_and_extra_hosts_route() {
-        let mut t = Table::new("cluster.local");
+        let mut t = Table::new("cluster.local", 1);
         apply(
             &mut t,
             &function("default", "hello", 10, &["hello.example.com"]),
@@ -517,7 +520,7 @@ mod tests {
 
     #[test]
     fn older_function_keeps_a_contested_host_and_deletion_hands_it_over() {
-        let mut t = Table::new("cluster.local");
+        let mut t = Table::new("cluster.local", 1);
         apply(&mut t, &function("b", "new", 5, &["api.example.com"]));
         apply(&mut t, &function("a", "old", 100, &["api.example.com"]));
         assert_eq!(routed(&t, "api.example.com").as_deref(), Some("a/old"));
@@ -527,7 +530,7 @@ mod tests {
 
     #[test]
     fn reset_replaces_everything() {
-        let mut t = Table::new("cluster.local");
+        let mut t = Table::new("cluster.local", 1);
         let d = Defaults::default();
         apply(&mut t, &function("ns", "a", 5, &["a.example.com"]));
         let b = function("ns", "b", 5, &[]);
@@ -542,7 +545,7 @@ mod tests {
 
     #[test]
     fn endpoints_before_the_function_are_kept() {
-        let mut t = Table::new("cluster.local");
+        let mut t = Table::new("cluster.local", 1);
         let key = FunctionKey::new("ns", "f");
         let ep = Endpoint {
             addr: "10.0.0.1:8080".parse().unwrap(),
@@ -558,7 +561,7 @@ mod tests {
 
     #[test]
     fn invalid_function_is_routed_with_its_reason() {
-        let mut t = Table::new("cluster.local");
+        let mut t = Table::new("cluster.local", 1);
         let mut f = function("ns", "bad", 1, &[]);
         f.spec.scale =
             Some(serde_json::from_value(serde_json::json!({"min": 5, "max": 2})).unwrap());

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::Duration;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -155,6 +156,9 @@ pub(crate) struct Counters {
     requests_total: AtomicU64,
     /// Unix ms of the last arrival; 0 = none yet.
     last_request_ms: AtomicI64,
+    /// Times below are nanoseconds since this instant: one clock subtraction per event,
+    /// and integer arithmetic after it.
+    base: Instant,
     integral: Mutex<Integral>,
 }
 
@@ -162,17 +166,24 @@ pub(crate) struct Counters {
 /// so it is exact, not sampled.
 struct Integral {
     level: u64,
-    since: Instant,
-    total_secs: f64,
+    since: u64,
+    /// Request-nanoseconds.
+    total: u128,
+    /// When `last_request_ms` was last read from the wall clock.
+    wall_read_at: Option<u64>,
 }
 
 impl Integral {
-    fn advance(&mut self, now: Instant) {
-        let dt = now.saturating_duration_since(self.since).as_secs_f64();
-        self.total_secs += self.level as f64 * dt;
-        self.since = now;
+    fn advance(&mut self, now: u64) {
+        let dt = now.saturating_sub(self.since);
+        self.total += u128::from(self.level) * u128::from(dt);
+        self.since = self.since.max(now);
     }
 }
+
+/// The wall clock is read for `last_request_ms` at most this often (nanoseconds): a
+/// millisecond value does not need it more, and a request needs no second clock read.
+const WALL_CLOCK_EVERY: u64 = 1_000_000;
 
 impl Counters {
     pub(crate) fn new() -> Self {
@@ -181,37 +192,62 @@ impl Counters {
             in_flight: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             last_request_ms: AtomicI64::new(0),
+            base: Instant::now(),
             integral: Mutex::new(Integral {
                 level: 0,
-                since: Instant::now(),
-                total_secs: 0.0,
+                since: 0,
+                total: 0,
+                wall_read_at: None,
             }),
         }
     }
 
-    /// A request arrived (queued or not): counted, and present until [`Self::depart`].
-    pub(crate) fn arrive(&self, now: Instant) {
-        self.requests_total.fetch_add(1, Ordering::Relaxed);
-        self.last_request_ms
-            .store(jiff::Timestamp::now().as_millisecond(), Ordering::Relaxed);
-        if let Ok(mut i) = self.integral.lock() {
-            i.advance(now);
-            i.level += 1;
-        }
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    pub(crate) fn depart(&self, now: Instant) {
+    /// A request arrived (queued or not): counted, and present until [`Self::depart`].
+    /// Returns its arrival time for [`Self::depart`].
+    pub(crate) fn arrive(&self, now: Instant) -> u64 {
+        let now = self.nanos(now);
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        let read_wall = match self.integral.lock() {
+            Ok(mut i) => {
+                i.advance(now);
+                i.level += 1;
+                let stale = i
+                    .wall_read_at
+                    .is_none_or(|at| now.saturating_sub(at) >= WALL_CLOCK_EVERY);
+                if stale {
+                    i.wall_read_at = Some(now);
+                }
+                stale
+            }
+            Err(_) => true,
+        };
+        if read_wall {
+            self.last_request_ms
+                .store(jiff::Timestamp::now().as_millisecond(), Ordering::Relaxed);
+        }
+        now
+    }
+
+    /// The request that arrived at `arrived` left: returns how long it was present.
+    pub(crate) fn depart(&self, now: Instant, arrived: u64) -> Duration {
+        let now = self.nanos(now);
         if let Ok(mut i) = self.integral.lock() {
             i.advance(now);
             i.level = i.level.saturating_sub(1);
         }
+        Duration::from_nanos(now.saturating_sub(arrived))
     }
 
     pub(crate) fn read(&self, key: &FunctionKey, now: Instant) -> FunctionStats {
+        let now = self.nanos(now);
         let concurrency_seconds_total = match self.integral.lock() {
             Ok(mut i) => {
                 i.advance(now);
-                i.total_secs
+                i.total as f64 / 1e9
             }
             Err(_) => 0.0,
         };
@@ -231,17 +267,24 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_integral_is_exact() {
         let key = FunctionKey::new("ns", "f");
         let c = Counters::new();
         let t0 = Instant::now();
-        c.arrive(t0);
-        c.arrive(t0);
-        c.depart(t0 + Duration::from_secs(1)); // 2 present for 1s
-        c.depart(t0 + Duration::from_secs(3)); // 1 present for 2s
+        let a = c.arrive(t0);
+        let b = c.arrive(t0);
+        // 2 present for 1s
+        assert_eq!(
+            c.depart(t0 + Duration::from_secs(1), a),
+            Duration::from_secs(1)
+        );
+        // 1 present for 2s
+        assert_eq!(
+            c.depart(t0 + Duration::from_secs(3), b),
+            Duration::from_secs(3)
+        );
         let s = c.read(&key, t0 + Duration::from_secs(10));
         assert!((s.concurrency_seconds_total - 4.0).abs() < 1e-9);
         assert_eq!(s.requests_total, 2);

@@ -7,6 +7,7 @@
 //! routes by [`claim_hosts`]; the operator reports the losers on their status with the
 //! same function, so both always agree.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use kube::ResourceExt;
@@ -26,6 +27,12 @@ pub fn service_hosts(key: &FunctionKey, cluster_domain: &str) -> [String; 3] {
 /// Normalises a `Host` header (or `:authority`) for lookup: strips the port and a trailing
 /// dot, lower-cases. Returns `None` for an empty or malformed value.
 pub fn normalize_host(raw: &str) -> Option<String> {
+    normalize_host_ref(raw).map(Cow::into_owned)
+}
+
+/// [`normalize_host`] borrowing from `raw` when it is already lower case (what clients
+/// send), so routing a request allocates nothing.
+pub fn normalize_host_ref(raw: &str) -> Option<Cow<'_, str>> {
     let raw = raw.trim();
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: [::1]:8080
@@ -42,7 +49,11 @@ pub fn normalize_host(raw: &str) -> Option<String> {
     if host.is_empty() || host.len() > 253 {
         return None;
     }
-    Some(host.to_ascii_lowercase())
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 /// RFC 1123 host name: dot-separated labels of `[a-z0-9-]`, not starting or ending with `-`.
@@ -156,6 +167,15 @@ mod tests {
         assert_eq!(normalize_host("[::1]:80").as_deref(), Some("::1"));
         assert_eq!(normalize_host("a:b"), None);
         assert_eq!(normalize_host(""), None);
+        // The common case costs no allocation.
+        assert!(matches!(
+            normalize_host_ref("hello.default:80"),
+            Some(Cow::Borrowed("hello.default"))
+        ));
+        assert!(matches!(
+            normalize_host_ref("Hello.default"),
+            Some(Cow::Owned(_))
+        ));
     }
 
     #[test]

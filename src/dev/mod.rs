@@ -82,6 +82,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         defaults: defaults.clone(),
         id: format!("dev-{}", std::process::id()),
         drain_timeout: Duration::from_secs(10),
+        workers: activator::Settings::threads_per_cpu(),
         ..activator::Settings::default()
     };
     let shared: Arc<dyn Platform> = Arc::new(platform.clone());

@@ -88,12 +88,15 @@ pub async fn cluster(test: &str) -> Option<Cluster> {
         .parse()
         .expect("a numeric minor version");
     let major: u32 = info.major.parse().expect("a numeric major version");
+    let (standin_running, other_nodes) = ready_nodes(&client).await;
     let standin = match std::env::var("ZEROSCALE_E2E_STANDIN").as_deref() {
-        Ok("1") => true,
         Ok("0") => false,
-        _ => !has_other_ready_node(&client).await,
+        Ok("1") => true,
+        _ => standin_running || !other_nodes,
     };
-    if standin {
+    // A stand-in someone already runs for this cluster (a long-lived one shared by
+    // several runs) is used as it is; otherwise this process starts its own.
+    if standin && !standin_running {
         if let Err(e) = ensure_standin() {
             panic!("{test}: starting the stand-in node: {e}");
         }
@@ -135,17 +138,20 @@ fn node_ready(node: &Node) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-async fn has_other_ready_node(client: &Client) -> bool {
+/// Whether a stand-in node is Ready, and whether any other node is.
+async fn ready_nodes(client: &Client) -> (bool, bool) {
     let nodes: Api<Node> = Api::all(client.clone());
-    nodes
+    let items = nodes
         .list(&ListParams::default())
         .await
-        .map(|l| {
-            l.items
-                .iter()
-                .any(|n| n.name_any() != STANDIN_NODE && node_ready(n))
-        })
-        .unwrap_or(false)
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let ready = |standin: bool| {
+        items
+            .iter()
+            .any(|n| (n.name_any() == STANDIN_NODE) == standin && node_ready(n))
+    };
+    (ready(true), ready(false))
 }
 
 async fn wait_node_ready(client: &Client) {
