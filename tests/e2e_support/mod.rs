@@ -838,6 +838,51 @@ pub async fn gateway(cluster: &Cluster, install: &Install, namespace: &str, name
     }
 }
 
+/// A gateway to an ordinary Service of the user's (port 80): its ClusterIP where the
+/// stand-in proxies them, else a port-forward to it.
+pub async fn service_gateway(cluster: &Cluster, namespace: &str, name: &str) -> Gateway {
+    let host = format!("{name}.{namespace}.svc.cluster.local");
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
+    let ip = eventually(
+        &format!("Service {namespace}/{name} to have a ClusterIP"),
+        Duration::from_secs(60),
+        || {
+            let services = services.clone();
+            async move {
+                let s = services.get_opt(name).await.ok().flatten()?;
+                s.spec?
+                    .cluster_ip
+                    .filter(|ip| ip != "None" && !ip.is_empty())
+            }
+        },
+    )
+    .await;
+    if cluster.standin {
+        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("an address").port()
+    };
+    let child = Command::new("kubectl")
+        .args([
+            "port-forward",
+            "-n",
+            namespace,
+            &format!("svc/{name}"),
+            &format!("{port}:80"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl port-forward runs");
+    Gateway {
+        addr: format!("127.0.0.1:{port}").parse().expect("an address"),
+        host,
+        _forward: Some(child),
+    }
+}
+
 /// What a closed-loop load run saw.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
