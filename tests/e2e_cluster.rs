@@ -977,7 +977,7 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
     let Some(cluster) = cluster(test).await else {
         return;
     };
-    remove_leftovers();
+    remove_leftovers(&cluster).await;
     install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
     let ns = TestNamespace::new(&cluster, "zeroscale-e2e-target").await;
     let (release, system) = release_names();
