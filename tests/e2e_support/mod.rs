@@ -893,6 +893,9 @@ pub struct LoadReport {
     /// Requests that got no response (connection errors), with the first few errors.
     pub failed: u64,
     pub errors: Vec<String>,
+    /// When the first 200 arrived and when the last one did.
+    pub first_ok: Option<tokio::time::Instant>,
+    pub last_ok: Option<tokio::time::Instant>,
 }
 
 impl LoadReport {
@@ -903,6 +906,13 @@ impl LoadReport {
     /// Every request answered 200.
     pub fn lossless(&self) -> bool {
         self.failed == 0 && self.ok() == self.sent
+    }
+
+    /// Answers per second from the first 200 to the last: the rate once serving, with
+    /// the wait for the platform to start a pod left out.
+    pub fn serving_rate(&self) -> Option<f64> {
+        let seconds = (self.last_ok? - self.first_ok?).as_secs_f64();
+        (seconds > 0.0).then(|| self.ok().saturating_sub(1) as f64 / seconds)
     }
 }
 
@@ -940,6 +950,11 @@ pub async fn load(
                 match c.get(&host, &path).await {
                     Ok(r) => {
                         *report.statuses.entry(r.status).or_default() += 1;
+                        if r.status == 200 {
+                            let now = tokio::time::Instant::now();
+                            report.first_ok.get_or_insert(now);
+                            report.last_ok = Some(now);
+                        }
                         if r.status != 200 && report.errors.len() < 5 {
                             report
                                 .errors
@@ -967,6 +982,11 @@ pub async fn load(
             *total.statuses.entry(k).or_default() += v;
         }
         total.errors.extend(r.errors);
+        total.first_ok = match (total.first_ok, r.first_ok) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        total.last_ok = total.last_ok.max(r.last_ok);
     }
     total
 }
