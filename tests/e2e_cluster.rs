@@ -278,13 +278,7 @@ async fn kustomize_installs_zeroscale_and_a_function_answers_from_zero() {
     kubectl(&["apply", "-f", "-"], Some(&manifest)).expect("examples/hello.yaml applies");
     wait_ready_condition(&cluster, &ns.name, "hello").await;
     let gw = gateway(&cluster, &install, &ns.name, "hello").await;
-    let reply = first_answer(&gw, "/").await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(
-        reply.headers.get(COLD_START_HEADER).map(|v| v.as_bytes()),
-        Some(&b"true"[..]),
-        "the first request woke it from zero"
-    );
+    assert_woken(&first_answer(&gw, "/").await, "hello");
     let listed = kubectl(&["get", "functions", "-n", &ns.name], None).expect("kubectl get");
     for column in ["URL", "READY", "REPLICAS", "DESIRED", "AGE"] {
         assert!(listed.contains(column), "{listed}");
@@ -323,6 +317,47 @@ async fn first_answer(gw: &Gateway, path: &str) -> Reply {
         get(gw.addr, &gw.host, path).await.ok()
     })
     .await
+}
+
+/// A 200 that woke its Function from zero (the activator says so in a header).
+fn assert_woken(reply: &Reply, what: &str) {
+    assert_eq!(reply.status, 200, "{what}: {reply:?}");
+    assert_eq!(
+        reply.headers.get(COLD_START_HEADER).map(|v| v.as_bytes()),
+        Some(&b"true"[..]),
+        "{what}: the first request woke it from zero"
+    );
+}
+
+/// Six clients load Function `function` until its `deployment` has three ready
+/// replicas; every request must be answered 200. Returns the peak and the requests sent.
+async fn scale_under_load(
+    cluster: &Cluster,
+    install: &Install,
+    namespace: &str,
+    function: &str,
+    deployment: &str,
+) -> (i32, u64) {
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), namespace);
+    let stop = CancellationToken::new();
+    let load_run = {
+        let stop = stop.clone();
+        let gw = gateway(cluster, install, namespace, function).await;
+        tokio::spawn(async move { load(&gw, "/?delay=0.3", 6, stop).await })
+    };
+    let peak = eventually(
+        &format!("load to scale {deployment} to 3 or more"),
+        Duration::from_secs(60),
+        || async {
+            let (_, ready) = replicas(&deployments, deployment).await;
+            (ready >= 3).then_some(ready)
+        },
+    )
+    .await;
+    stop.cancel();
+    let report = load_run.await.expect("the load run");
+    assert!(report.lossless(), "every request answered 200: {report:?}");
+    (peak, report.sent)
 }
 
 /// A release name and install namespace of this run's own.
@@ -522,40 +557,15 @@ async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
 
     // From zero: the first request wakes it, through the Function's Service.
     let gw = gateway(&cluster, &install, &ns.name, "echo").await;
-    let cold = first_answer(&gw, "/").await;
-    assert_eq!(cold.status, 200, "{cold:?}");
-    assert_eq!(
-        cold.headers.get(COLD_START_HEADER).map(|v| v.as_bytes()),
-        Some(&b"true"[..])
-    );
+    assert_woken(&first_answer(&gw, "/").await, "echo");
     let warm = get(gw.addr, &gw.host, "/").await.expect("a warm answer");
     assert_eq!(warm.status, 200);
     assert!(warm.headers.get(COLD_START_HEADER).is_none());
     eprintln!("ok: woken from zero");
 
     // Load scales it up; every request is answered.
-    let stop = CancellationToken::new();
-    let load_run = {
-        let stop = stop.clone();
-        let gw = gateway(&cluster, &install, &ns.name, "echo").await;
-        tokio::spawn(async move { load(&gw, "/?delay=0.3", 6, stop).await })
-    };
-    let peak = eventually(
-        "load to scale it to 3 or more",
-        Duration::from_secs(60),
-        || async {
-            let (_, ready) = replicas(&deployments, "echo").await;
-            (ready >= 3).then_some(ready)
-        },
-    )
-    .await;
-    stop.cancel();
-    let report = load_run.await.expect("the load run");
-    assert!(report.lossless(), "every request answered 200: {report:?}");
-    eprintln!(
-        "ok: scaled to {peak} ready replicas under load, {} requests, all 200",
-        report.sent
-    );
+    let (peak, sent) = scale_under_load(&cluster, &install, &ns.name, "echo", "echo").await;
+    eprintln!("ok: scaled to {peak} ready replicas under load, {sent} requests, all 200");
 
     // Idle: back to zero, and the status says so.
     eventually(
@@ -851,11 +861,9 @@ async fn no_request_is_lost_under_churn() {
     })
     .await;
     let lonely = gateway(&cluster, &install, &ns.name, "lonely").await;
-    let cold = first_answer(&lonely, "/").await;
-    assert_eq!(cold.status, 200, "woken without an operator: {cold:?}");
-    assert_eq!(
-        cold.headers.get(COLD_START_HEADER).map(|v| v.as_bytes()),
-        Some(&b"true"[..])
+    assert_woken(
+        &first_answer(&lonely, "/").await,
+        "woken without an operator",
     );
     operators
         .patch_scale(
@@ -1087,11 +1095,7 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
     // the Deployment's own Service works again while it has replicas.
     let gw = gateway(&cluster, &install, &ns.name, "web-lazy").await;
     let cold = first_answer(&gw, "/").await;
-    assert_eq!(cold.status, 200, "{cold:?}");
-    assert_eq!(
-        cold.headers.get(COLD_START_HEADER).map(|v| v.as_bytes()),
-        Some(&b"true"[..])
-    );
+    assert_woken(&cold, "web-lazy");
     assert!(cold.body.starts_with("host=web-"), "{}", cold.body);
     let again = get(own_gw.addr, &own_gw.host, "/")
         .await
@@ -1100,25 +1104,8 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
     eprintln!("ok: woken from zero through the activator");
 
     // Load scales it, every request answered; then idleness takes it back to zero.
-    let stop = CancellationToken::new();
-    let load_run = {
-        let stop = stop.clone();
-        let gw = gateway(&cluster, &install, &ns.name, "web-lazy").await;
-        tokio::spawn(async move { load(&gw, "/?delay=0.3", 6, stop).await })
-    };
-    let peak = eventually(
-        "load to scale the Deployment to 3 or more",
-        Duration::from_secs(60),
-        || async {
-            let (_, ready) = replicas(&deployments, "web").await;
-            (ready >= 3).then_some(ready)
-        },
-    )
-    .await;
-    stop.cancel();
-    let report = load_run.await.expect("the load run");
-    assert!(report.lossless(), "every request answered 200: {report:?}");
-    eprintln!("ok: scaled to {peak} under load, {} requests", report.sent);
+    let (peak, sent) = scale_under_load(&cluster, &install, &ns.name, "web-lazy", "web").await;
+    eprintln!("ok: scaled to {peak} under load, {sent} requests");
     eventually("back to zero", Duration::from_secs(90), || async {
         (replicas(&deployments, "web").await.0 == 0).then_some(())
     })
