@@ -844,6 +844,79 @@ async fn a_drain_waits_until_the_stopping_replica_is_unrouted_and_idle() {
     assert_eq!(body_text(resp).await, "staying", "a Function's own path");
 }
 
+/// A Function deleted while a long request is in flight: its pods are garbage collected
+/// and each calls the drain hook; the answer must still wait for that request, although
+/// the activator no longer routes anything of that Function.
+#[tokio::test]
+async fn a_drain_after_the_function_is_deleted_still_waits_for_its_requests() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("gone", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let replica = {
+        let listener = TcpListener::bind("127.0.0.3:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let gate = gate.clone();
+                        async move {
+                            gate.acquire().await.unwrap().forget();
+                            Ok::<_, Infallible>(Response::new(text("finished")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    };
+    h.platform
+        .set_endpoints(&key("gone"), vec![endpoint(replica)]);
+    let held = tokio::spawn({
+        let req = h.request("gone.default", "/").body(empty()).unwrap();
+        let client = h.client.clone();
+        async move { body_text(client.request(req).await.unwrap()).await }
+    });
+    eventually("the request to be in flight", || {
+        h.activator.endpoint_in_flight(replica) == 1
+    })
+    .await;
+
+    // The Function goes; its endpoints with it; its pod is stopping.
+    h.platform.delete_function(&key("gone"));
+    h.platform.set_endpoints(&key("gone"), vec![]);
+    h.platform
+        .set_stopping(&key("gone"), vec!["127.0.0.3".parse().unwrap()]);
+    let drain = tokio::spawn({
+        let req = h
+            .request("10.96.0.20", "/.zeroscale/drain/default/gone")
+            .body(empty())
+            .unwrap();
+        let client = h.client.clone();
+        async move { body_text(client.request(req).await.unwrap()).await }
+    });
+    tokio::pin!(drain);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut drain)
+            .await
+            .is_err(),
+        "a request is still in flight: the drain must wait"
+    );
+    gate.add_permits(1);
+    assert_eq!(held.await.unwrap(), "finished");
+    let body = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the drain answers once the request is done")
+        .unwrap();
+    assert_eq!(body, "drained");
+}
+
 #[tokio::test]
 async fn a_replica_dying_mid_response_cuts_that_response_only() {
     let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, BoxError>>();
