@@ -356,19 +356,31 @@ impl Drop for TestNamespace {
     }
 }
 
-/// Deletes what a crashed earlier run left: its namespaces, and any install it made.
-pub fn remove_leftovers() {
-    let _ = kubectl(
-        &[
-            "delete",
-            "namespace",
-            "-l",
-            &format!("{E2E_LABEL}=true"),
-            "--wait=false",
-            "--ignore-not-found",
-        ],
-        None,
-    );
+/// Deletes what a crashed earlier run left: its namespaces (an install's too), once they
+/// are an hour old, so that runs sharing a cluster never delete each other's.
+pub async fn remove_leftovers(cluster: &Cluster) {
+    let api: Api<Namespace> = Api::all(cluster.client.clone());
+    let Ok(list) = api
+        .list(&ListParams::default().labels(&format!("{E2E_LABEL}=true")))
+        .await
+    else {
+        return;
+    };
+    let hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+    for ns in list.items {
+        let old = ns
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| t.0 < hour_ago);
+        if old && ns.metadata.deletion_timestamp.is_none() {
+            eprintln!(
+                "deleting namespace {} left by an earlier run",
+                ns.name_any()
+            );
+            let _ = api.delete(&ns.name_any(), &DeleteParams::default()).await;
+        }
+    }
 }
 
 /// How zeroscale was installed.
@@ -567,11 +579,13 @@ impl Drop for Install {
 }
 
 /// Waits until an install's namespace is gone, so the next install may reuse its names.
+/// The namespace controller retries with a growing back-off while pods still stop, so
+/// the last step can come minutes after the namespace emptied.
 pub async fn wait_namespace_gone(cluster: &Cluster, name: &str) {
     let api: Api<Namespace> = Api::all(cluster.client.clone());
     eventually(
         &format!("namespace {name} to be deleted"),
-        Duration::from_secs(180),
+        Duration::from_secs(600),
         || {
             let api = api.clone();
             async move { api.get_opt(name).await.ok()?.is_none().then_some(()) }
@@ -824,6 +838,51 @@ pub async fn gateway(cluster: &Cluster, install: &Install, namespace: &str, name
     }
 }
 
+/// A gateway to an ordinary Service of the user's (port 80): its ClusterIP where the
+/// stand-in proxies them, else a port-forward to it.
+pub async fn service_gateway(cluster: &Cluster, namespace: &str, name: &str) -> Gateway {
+    let host = format!("{name}.{namespace}.svc.cluster.local");
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
+    let ip = eventually(
+        &format!("Service {namespace}/{name} to have a ClusterIP"),
+        Duration::from_secs(60),
+        || {
+            let services = services.clone();
+            async move {
+                let s = services.get_opt(name).await.ok().flatten()?;
+                s.spec?
+                    .cluster_ip
+                    .filter(|ip| ip != "None" && !ip.is_empty())
+            }
+        },
+    )
+    .await;
+    if cluster.standin {
+        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("an address").port()
+    };
+    let child = Command::new("kubectl")
+        .args([
+            "port-forward",
+            "-n",
+            namespace,
+            &format!("svc/{name}"),
+            &format!("{port}:80"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl port-forward runs");
+    Gateway {
+        addr: format!("127.0.0.1:{port}").parse().expect("an address"),
+        host,
+        _forward: Some(child),
+    }
+}
+
 /// What a closed-loop load run saw.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
@@ -834,6 +893,9 @@ pub struct LoadReport {
     /// Requests that got no response (connection errors), with the first few errors.
     pub failed: u64,
     pub errors: Vec<String>,
+    /// When the first 200 arrived and when the last one did.
+    pub first_ok: Option<tokio::time::Instant>,
+    pub last_ok: Option<tokio::time::Instant>,
 }
 
 impl LoadReport {
@@ -844,6 +906,13 @@ impl LoadReport {
     /// Every request answered 200.
     pub fn lossless(&self) -> bool {
         self.failed == 0 && self.ok() == self.sent
+    }
+
+    /// Answers per second from the first 200 to the last: the rate once serving, with
+    /// the wait for the platform to start a pod left out.
+    pub fn serving_rate(&self) -> Option<f64> {
+        let seconds = (self.last_ok? - self.first_ok?).as_secs_f64();
+        (seconds > 0.0).then(|| self.ok().saturating_sub(1) as f64 / seconds)
     }
 }
 
@@ -881,6 +950,11 @@ pub async fn load(
                 match c.get(&host, &path).await {
                     Ok(r) => {
                         *report.statuses.entry(r.status).or_default() += 1;
+                        if r.status == 200 {
+                            let now = tokio::time::Instant::now();
+                            report.first_ok.get_or_insert(now);
+                            report.last_ok = Some(now);
+                        }
                         if r.status != 200 && report.errors.len() < 5 {
                             report
                                 .errors
@@ -908,6 +982,11 @@ pub async fn load(
             *total.statuses.entry(k).or_default() += v;
         }
         total.errors.extend(r.errors);
+        total.first_ok = match (total.first_ok, r.first_ok) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        total.last_ok = total.last_ok.max(r.last_ok);
     }
     total
 }
