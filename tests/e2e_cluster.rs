@@ -1377,10 +1377,12 @@ LISTEN = time.time()
 server.serve_forever()
 "#;
 
-/// The benchmark app's pod spec: one readiness probe, as most apps have (a TCP connect,
-/// every second: the kubelet's first check at the start fails, the app not listening yet).
-fn bench_pod_spec() -> serde_json::Value {
-    json!({
+/// The benchmark app's pod spec. With `probe`, one readiness probe, as most apps have (a
+/// TCP connect every second: the kubelet's first check, at the start, finds the app not
+/// listening yet); without, the kubelet calls the pod ready as soon as its container runs,
+/// before the app listens.
+fn bench_pod_spec(probe: bool) -> serde_json::Value {
+    let mut spec = json!({
         "terminationGracePeriodSeconds": 2,
         "containers": [{
             "name": "app",
@@ -1388,9 +1390,13 @@ fn bench_pod_spec() -> serde_json::Value {
             "command": ["python3", "-u", "-c", BENCH_APP],
             "env": [{"name": "PORT", "value": "8080"}],
             "ports": [{"containerPort": 8080}],
-            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
         }],
-    })
+    });
+    if probe {
+        spec["containers"][0]["readinessProbe"] =
+            json!({"tcpSocket": {"port": 8080}, "periodSeconds": 1});
+    }
+    spec
 }
 
 fn now_epoch() -> f64 {
@@ -1574,13 +1580,23 @@ async fn bench_cold_start_against_the_platform_floor() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    // `none`: the app without a readiness probe (the floor then does not wait for it).
+    let probe = std::env::var("ZEROSCALE_BENCH_READINESS").as_deref() != Ok("none");
+    eprintln!(
+        "{wakes} wakes of each; the app {}",
+        if probe {
+            "with a tcpSocket readiness probe, periodSeconds 1"
+        } else {
+            "without a readiness probe"
+        }
+    );
     remove_leftovers(&cluster).await;
     install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
     // Two installs side by side, the fast path on and off, each serving its own namespace
     // (an install serves every Function of the namespaces it watches), and the floor's
     // plain Deployment in a third: the same app everywhere.
     let mut modes = Vec::new();
-    for probe in [true, false] {
+    for fast in [true, false] {
         let ns = TestNamespace::new(&cluster, "zeroscale-bench-cold").await;
         let (release, system) = release_names();
         let install = Install::chart(
@@ -1590,12 +1606,12 @@ async fn bench_cold_start_against_the_platform_floor() {
             json!({
                 "watchNamespaces": [ns.name],
                 "operator": {"replicas": 1},
-                "activator": {"replicas": 1, "coldStartProbe": probe},
+                "activator": {"replicas": 1, "coldStartProbe": fast},
                 "logging": {"level": "info"},
             }),
         )
         .await;
-        modes.push((probe, ns, install, system));
+        modes.push((fast, ns, install, system));
     }
     let floor_ns = TestNamespace::new(&cluster, "zeroscale-bench-floor").await;
     apply(&json!({
@@ -1604,7 +1620,7 @@ async fn bench_cold_start_against_the_platform_floor() {
         "spec": {
             "replicas": 0,
             "selector": {"matchLabels": {"app": "floor"}},
-            "template": {"metadata": {"labels": {"app": "floor"}}, "spec": bench_pod_spec()},
+            "template": {"metadata": {"labels": {"app": "floor"}}, "spec": bench_pod_spec(probe)},
         },
     }))
     .expect("the floor Deployment applies");
@@ -1622,7 +1638,7 @@ async fn bench_cold_start_against_the_platform_floor() {
             "kind": "Function",
             "metadata": {"name": "bench", "namespace": ns.name},
             "spec": {
-                "template": {"spec": bench_pod_spec()},
+                "template": {"spec": bench_pod_spec(probe)},
                 "scale": {"min": 0, "max": 1, "idleTimeout": "1s"},
             },
         }))
@@ -1645,9 +1661,9 @@ async fn bench_cold_start_against_the_platform_floor() {
     let (mut floor, mut on, mut off) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..wakes {
         floor.push(floor_wake(&cluster, &floor_ns.name).await);
-        for ((probe, ns, _, _), gw) in modes.iter().zip(&gateways) {
+        for ((fast, ns, _, _), gw) in modes.iter().zip(&gateways) {
             let w = function_wake(&cluster, &ns.name, "bench", gw).await;
-            if *probe { on.push(w) } else { off.push(w) }
+            if *fast { on.push(w) } else { off.push(w) }
         }
         eprintln!(
             "round {round}: floor {:.0} ms, fast path {:.0} ms, without {:.0} ms",
