@@ -1890,3 +1890,27 @@ async fn without_the_cold_start_probe_a_wake_waits_for_the_platform() {
     platform.set_endpoints(&key("plain"), vec![named("plain-1", replica)]);
     assert_eq!(pending.await.unwrap().1, "plain");
 }
+
+#[tokio::test]
+async fn a_new_pod_that_takes_a_listed_pods_name_is_probed() {
+    // A StatefulSet's pod comes back under its predecessor's name, at a new address: the
+    // platform's verdict on the old one says nothing about it.
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("web", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let old = hello_backend("old").await;
+    platform.set_endpoints(&key("web"), vec![named("web-0", old)]);
+    assert_eq!(body_text(h.get("web.default").await).await, "old");
+    platform.set_endpoints(&key("web"), vec![]);
+
+    let pending = spawn_get(&h, "web.default");
+    platform.wait_for_wakes(1).await;
+    let new = hello_backend("new").await;
+    platform.set_candidates(
+        &key("web"),
+        vec![candidate("web-0", new, vec![tcp_check(new)])],
+    );
+    let (status, body, cold) = pending.await.unwrap();
+    assert_eq!((status, body.as_str(), cold), (StatusCode::OK, "new", true));
+    assert!(platform.endpoints_of(&key("web")).is_empty());
+}

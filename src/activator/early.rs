@@ -22,9 +22,9 @@
 //!   all dropped (under the routing table's lock, in the same step) when the platform
 //!   lists any ready endpoint: from then on only its view counts, so a pod it marks not
 //!   ready, or terminating, is never used. A pod the platform has *ever* listed ready
-//!   (its name is remembered per Function) is not probed again: once the platform has
-//!   caught up with a pod, its verdict on that pod is final, so a replica that turned
-//!   unready is not brought back by the activator's own probe.
+//!   (its name and address are remembered per Function) is not probed again: once the
+//!   platform has caught up with a pod, its verdict on that pod is final, so a replica
+//!   that turned unready is not brought back by the activator's own probe.
 //! - **Only pods whose readiness can be checked from outside.** The check is the
 //!   kubelet's own: every `httpGet` (HTTP) and `tcpSocket` startup and readiness probe
 //!   of the pod's containers, with their `successThreshold`. A pod with an `exec` or
@@ -315,7 +315,7 @@ fn on_candidates(
             }
             // Not checkable yet (a sidecar not running): it may become so.
             None if c.checks.is_none() => {}
-            None if act.was_listed_ready(&fs.key, &c.name) => {
+            None if act.was_listed_ready(&fs.key, &c.name, c.addr) => {
                 debug!(replica = %c.name, "listed ready by the platform before: its verdict holds");
                 tracked.insert(c.name.clone(), Tracked::Done);
             }

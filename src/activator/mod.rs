@@ -566,8 +566,13 @@ impl Activator {
     }
 
     /// Whether the platform has listed replica `name` of `key` ready before.
-    fn was_listed_ready(&self, key: &crate::api::FunctionKey, name: &str) -> bool {
-        self.table().was_listed_ready(key, name)
+    fn was_listed_ready(
+        &self,
+        key: &crate::api::FunctionKey,
+        name: &str,
+        addr: SocketAddr,
+    ) -> bool {
+        self.table().was_listed_ready(key, name, addr)
     }
 
     /// Requests in flight to one replica now; `dev` waits for zero before it stops a

@@ -168,8 +168,9 @@ impl DrainStatus {
     }
 }
 
-/// Names of replicas the platform listed ready that a Function remembers (oldest
-/// forgotten first): enough for every replica of any Function in one wake cycle.
+/// Replicas (name and address) the platform listed ready that a Function remembers (oldest
+/// forgotten first): enough for every replica of any Function in one wake cycle. The IP
+/// address is part of it because a StatefulSet's new pod takes its predecessor's name.
 const LISTED_READY_MEMORY: usize = 64;
 
 /// What the table keeps per Function besides its shared state: what host claims need,
@@ -178,17 +179,21 @@ struct Entry {
     state: Arc<FunctionState>,
     created: Option<jiff::Timestamp>,
     hosts: Vec<String>,
-    listed_ready: Vec<Box<str>>,
+    listed_ready: Vec<(Box<str>, SocketAddr)>,
 }
 
 impl Entry {
     fn remember_listed(&mut self, endpoints: &[Endpoint]) {
         for ep in endpoints {
-            if !self.listed_ready.iter().any(|n| **n == *ep.name) {
+            if !self
+                .listed_ready
+                .iter()
+                .any(|(n, a)| **n == *ep.name && *a == ep.addr)
+            {
                 if self.listed_ready.len() >= LISTED_READY_MEMORY {
                     self.listed_ready.remove(0);
                 }
-                self.listed_ready.push(ep.name.as_str().into());
+                self.listed_ready.push((ep.name.as_str().into(), ep.addr));
             }
         }
     }
@@ -456,12 +461,14 @@ impl Table {
         self.replicas_by_addr.retain(|_, w| w.strong_count() > 0);
     }
 
-    /// Whether the platform has listed replica `name` of Function `key` ready (as far as
-    /// this activator remembers).
-    pub(crate) fn was_listed_ready(&self, key: &FunctionKey, name: &str) -> bool {
-        self.functions
-            .get(&short_host(key))
-            .is_some_and(|e| e.listed_ready.iter().any(|n| **n == *name))
+    /// Whether the platform has listed replica `name` at `addr` of Function `key` ready
+    /// (as far as this activator remembers).
+    pub(crate) fn was_listed_ready(&self, key: &FunctionKey, name: &str, addr: SocketAddr) -> bool {
+        self.functions.get(&short_host(key)).is_some_and(|e| {
+            e.listed_ready
+                .iter()
+                .any(|(n, a)| **n == *name && *a == addr)
+        })
     }
 
     /// The live replica at `addr`, or a new one: one `Replica` per address, whichever
