@@ -1914,3 +1914,48 @@ async fn a_new_pod_that_takes_a_listed_pods_name_is_probed() {
     assert_eq!((status, body.as_str(), cold), (StatusCode::OK, "new", true));
     assert!(platform.endpoints_of(&key("web")).is_empty());
 }
+
+#[tokio::test]
+async fn a_woken_replica_listed_before_it_listens_is_waited_for_not_a_502() {
+    // No readiness probe: the platform lists the pod ready as soon as its container runs,
+    // before the app listens. A connect refused then means "not yet", not "gone".
+    for probe in [true, false] {
+        let platform = MemoryPlatform::new();
+        platform.apply_function(function("bare", serde_json::json!({})));
+        let h = start_with(
+            platform.clone(),
+            Settings {
+                cold_start_probe: probe,
+                ..Settings::default()
+            },
+        )
+        .await;
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let pending = spawn_get(&h, "bare.default");
+        platform.wait_for_wakes(1).await;
+        platform.set_endpoints(&key("bare"), vec![named("bare-1", addr)]);
+        eventually("the request to leave the queue", || h.queued("bare") == 0).await;
+        assert!(!pending.is_finished(), "it waits for the app to listen");
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(text("listening now")))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        let (status, body, cold) = pending.await.unwrap();
+        assert_eq!(
+            (status, body.as_str(), cold),
+            (StatusCode::OK, "listening now", true),
+            "cold_start_probe={probe}"
+        );
+    }
+}

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
@@ -171,6 +172,7 @@ async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut stale = 0;
     let mut replays = 0;
+    let mut refused: u32 = 0;
     let mut cold = false;
     // A replica routed early may fail, or answer 5xx, where the platform's own verdict
     // would not have sent the request yet: only requests that can be sent again go there.
@@ -191,7 +193,8 @@ async fn forward(
         let replay = early.then(|| copy_request(&up));
 
         // From now: admitted at once on the first attempt is admitted at arrival.
-        let admitted_at = if queued || !tried.is_empty() || stale > 0 || replays > 0 {
+        let admitted_at = if queued || !tried.is_empty() || stale > 0 || replays > 0 || refused > 0
+        {
             Instant::now()
         } else {
             guard.start
@@ -220,6 +223,22 @@ async fn forward(
                     // when the platform lists it, it is one like any other.
                     act.demote_early(fs, replica.addr, "connect_failed");
                     replays += 1;
+                } else if cold && e.is_refused() && Instant::now() < deadline {
+                    // A replica of a wake that does not listen yet: without a readiness
+                    // probe the kubelet calls a pod ready as soon as its container runs,
+                    // before the app listens. Nothing was sent; try it again shortly,
+                    // within the activation timeout, rather than answer 502.
+                    refused += 1;
+                    let pause = REFUSED_PAUSE_FIRST
+                        .saturating_mul(1 << refused.min(4))
+                        .min(REFUSED_PAUSE_MAX);
+                    client
+                        .bound(client_version, deadline, tokio::time::sleep(pause))
+                        .await
+                        .map_err(|_| ProxyError::ActivationTimeout {
+                            key: fs.key.clone(),
+                            timeout: conf.activation,
+                        })?;
                 } else {
                     tried.push(replica.addr);
                 }
@@ -361,6 +380,11 @@ async fn forward(
 
 /// Retries of a request on fresh connections after pooled ones turned out closed.
 const MAX_STALE_RETRIES: u32 = 3;
+/// First pause before connecting again to a woken replica that refused (it does not
+/// listen yet); it doubles up to [`REFUSED_PAUSE_MAX`].
+const REFUSED_PAUSE_FIRST: Duration = Duration::from_millis(2);
+/// Longest pause between connects to a woken replica that refuses.
+const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(25);
 
 /// Whether a request may be sent again after a replica failed it or answered 5xx: an
 /// idempotent method (RFC 9110 9.2.2) and no body to send, so a copy of its head is the
