@@ -1097,9 +1097,14 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
     let cold = first_answer(&gw, "/").await;
     assert_woken(&cold, "web-lazy");
     assert!(cold.body.starts_with("host=web-"), "{}", cold.body);
-    let again = get(own_gw.addr, &own_gw.host, "/")
-        .await
-        .expect("the own Service");
+    // The activator may answer before the pod's slices say ready (it probes a waking
+    // Function's pods itself): the own Service follows once its slice catches up.
+    let again = eventually(
+        "the own Service to answer",
+        Duration::from_secs(60),
+        || async { get(own_gw.addr, &own_gw.host, "/").await.ok() },
+    )
+    .await;
     assert_eq!(again.status, 200);
     eprintln!("ok: woken from zero through the activator");
 
