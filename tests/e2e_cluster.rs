@@ -558,6 +558,14 @@ async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
     // From zero: the first request wakes it, through the Function's Service.
     let gw = gateway(&cluster, &install, &ns.name, "echo").await;
     assert_woken(&first_answer(&gw, "/").await, "echo");
+    // Warm for every activator once the slice lists the pod (until then, one that has not
+    // served it yet holds a request for its own probe of the pod: a cold start to it).
+    eventually(
+        "the slice to list the pod",
+        Duration::from_secs(60),
+        || async { (ready_in_slices(&cluster, &ns.name, "echo").await >= 1).then_some(()) },
+    )
+    .await;
     let warm = get(gw.addr, &gw.host, "/").await.expect("a warm answer");
     assert_eq!(warm.status, 200);
     assert!(warm.headers.get(COLD_START_HEADER).is_none());
