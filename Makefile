@@ -2,7 +2,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: build test unit lint fmt crds crds-check run bench e2e docker-build chart-test
+.PHONY: build test unit lint fmt crds crds-check run bench bench-cluster e2e docker-build chart-test
 
 build:
 	$(CARGO) build --release
@@ -47,9 +47,14 @@ chart-test:
 bench:
 	@if [ -x bench/run.sh ]; then bench/run.sh; else echo "no benchmark harness yet"; fi
 
+## Cold start from zero next to the platform floor, on the cluster in KUBECONFIG
+## (ZEROSCALE_BENCH_WAKES wakes of each, 10 by default; see BENCHMARKS.md).
+bench-cluster:
+	$(CARGO) test --test e2e_cluster -- --ignored --nocapture --exact bench_cold_start_against_the_platform_floor
+
 ## Real-cluster suite against the cluster in KUBECONFIG (skipped when none).
 e2e:
-	$(CARGO) test --test e2e_cluster --test e2e_standin -- --ignored --test-threads=1
+	$(CARGO) test --test e2e_cluster --test e2e_standin -- --ignored --test-threads=1 --skip bench_
 
 ## The container image (see Dockerfile). DOCKER=podman works too.
 DOCKER ?= docker

@@ -28,8 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeroscale::activator::{Activator, Settings};
 use zeroscale::api::{Function, FunctionKey, FunctionSpec, FunctionStatus};
-use zeroscale::platform::Endpoint;
 use zeroscale::platform::memory::MemoryPlatform;
+use zeroscale::platform::{Candidate, Endpoint, ReadinessCheck};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type TestBody = BoxBody<Bytes, BoxError>;
@@ -1446,4 +1446,589 @@ async fn connects_cut_short_by_the_request_timeout_do_not_block_later_ones() {
         );
     }
     drop(filler);
+}
+
+// ------------------------------------------- cold starts below the platform floor
+//
+// The platform offers the pods of a waking Function as candidates before it lists them
+// ready; the activator probes them itself and routes replayable requests to the first
+// that passes (`activator::early`). These scenarios hold it to "never an error or a
+// wrong answer because a pod was used early".
+
+fn candidate(name: &str, addr: SocketAddr, checks: Vec<ReadinessCheck>) -> Candidate {
+    Candidate {
+        name: name.into(),
+        addr,
+        checks: Some(checks),
+        timeout: Duration::from_secs(1),
+        success_threshold: 1,
+        agree_within: Duration::from_secs(60),
+        terminating: false,
+    }
+}
+
+fn tcp_check(addr: SocketAddr) -> ReadinessCheck {
+    ReadinessCheck::Tcp { port: addr.port() }
+}
+
+fn http_check(addr: SocketAddr, path: &str) -> ReadinessCheck {
+    ReadinessCheck::Http {
+        port: addr.port(),
+        path: path.into(),
+        headers: vec![],
+    }
+}
+
+fn named(name: &str, addr: SocketAddr) -> Endpoint {
+    Endpoint {
+        addr,
+        name: name.into(),
+    }
+}
+
+/// A replica that answers 503 on every path until `ready` is set, then `reply` (and 200
+/// on `/healthz`); it counts the requests to paths other than `/healthz`, and the checks.
+struct Warming {
+    addr: SocketAddr,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    requests: Arc<AtomicUsize>,
+    checks: Arc<AtomicUsize>,
+}
+
+async fn warming_backend(reply: &'static str) -> Warming {
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let (r, q, c) = (ready.clone(), requests.clone(), checks.clone());
+    let addr = backend(move |req| {
+        let up = r.load(Ordering::SeqCst);
+        if req.uri().path() == "/healthz" {
+            c.fetch_add(1, Ordering::SeqCst);
+        } else {
+            q.fetch_add(1, Ordering::SeqCst);
+        }
+        async move {
+            let mut resp = Response::new(text(if up { reply } else { "warming up" }));
+            if !up {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            resp
+        }
+    })
+    .await;
+    Warming {
+        addr,
+        ready,
+        requests,
+        checks,
+    }
+}
+
+fn spawn_get(h: &Harness, host: &str) -> tokio::task::JoinHandle<(StatusCode, String, bool)> {
+    let client = h.client.clone();
+    let req = h.request(host, "/").body(empty()).unwrap();
+    tokio::spawn(async move {
+        let resp = client.request(req).await.expect("the activator answers");
+        let status = resp.status();
+        let cold = resp.headers().contains_key("x-zeroscale-cold-start");
+        (status, body_text(resp).await, cold)
+    })
+}
+
+fn counter(metrics: &str, name: &str, outcome: &str) -> u64 {
+    let prefix = format!("{name}{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_cold_request_is_served_by_a_probed_replica_before_the_platform_lists_it() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("early", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    assert_eq!(
+        platform.candidate_watches_opened(&key("early")),
+        0,
+        "no pod watch while at zero"
+    );
+
+    let pending = spawn_get(&h, "early.default");
+    platform.wait_for_wakes(1).await;
+    eventually("the candidates to be watched", || {
+        platform.candidate_watches(&key("early")) == 1
+    })
+    .await;
+    let replica = hello_backend("served early").await;
+    platform.set_candidates(
+        &key("early"),
+        vec![candidate("early-1", replica, vec![tcp_check(replica)])],
+    );
+    let (status, body, cold) = pending.await.unwrap();
+    assert_eq!(
+        (status, body.as_str(), cold),
+        (StatusCode::OK, "served early", true)
+    );
+    assert!(
+        platform.endpoints_of(&key("early")).is_empty(),
+        "answered before the platform listed the replica"
+    );
+    // Requests meanwhile go there too; the pod watch stays while nothing is listed.
+    assert_eq!(
+        body_text(h.get("early.default").await).await,
+        "served early"
+    );
+    assert_eq!(platform.candidate_watches(&key("early")), 1);
+
+    // The platform catches up: its view takes over and the pod watch closes.
+    platform.set_endpoints(&key("early"), vec![named("early-1", replica)]);
+    eventually("the pod watch to close", || {
+        platform.candidate_watches(&key("early")) == 0
+    })
+    .await;
+    let resp = h.get("early.default").await;
+    assert!(resp.headers().get("x-zeroscale-cold-start").is_none());
+    assert_eq!(body_text(resp).await, "served early");
+    assert_eq!(platform.wake_count(&key("early")), 1);
+    let m = h.metrics_text();
+    assert_eq!(
+        counter(&m, "zeroscale_activator_early_routes_total", "routed"),
+        1
+    );
+    assert_eq!(
+        counter(&m, "zeroscale_activator_early_requests_total", "answered"),
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_http_check_holds_requests_until_the_app_says_it_is_ready() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("app", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let app = warming_backend("ready now").await;
+
+    let pending = spawn_get(&h, "app.default");
+    platform.wait_for_wakes(1).await;
+    platform.set_candidates(
+        &key("app"),
+        vec![candidate(
+            "app-1",
+            app.addr,
+            vec![http_check(app.addr, "/healthz")],
+        )],
+    );
+    eventually("the app to be checked a few times", || {
+        app.checks.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert_eq!(
+        app.requests.load(Ordering::SeqCst),
+        0,
+        "nothing is sent while its check fails"
+    );
+    app.ready.store(true, Ordering::SeqCst);
+    let (status, body, cold) = pending.await.unwrap();
+    assert_eq!(
+        (status, body.as_str(), cold),
+        (StatusCode::OK, "ready now", true)
+    );
+    assert_eq!(app.requests.load(Ordering::SeqCst), 1);
+    assert!(platform.endpoints_of(&key("app")).is_empty());
+}
+
+#[tokio::test]
+async fn an_app_that_listens_before_it_is_ready_costs_a_replay_not_an_error() {
+    // No readinessProbe: the activator's check is a TCP connect, which passes as soon as
+    // the app listens, while it still answers 503.
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("slowpoke", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let app = warming_backend("warm").await;
+
+    let pending = spawn_get(&h, "slowpoke.default");
+    platform.wait_for_wakes(1).await;
+    platform.set_candidates(
+        &key("slowpoke"),
+        vec![candidate("slowpoke-1", app.addr, vec![tcp_check(app.addr)])],
+    );
+    eventually("the 503 to be replayed", || {
+        counter(
+            &h.metrics_text(),
+            "zeroscale_activator_early_requests_total",
+            "replayed",
+        ) == 1
+    })
+    .await;
+    assert_eq!(h.queued("slowpoke"), 1, "the request waits again");
+    assert!(!pending.is_finished());
+    // Later requests are not sent there again either: it is the platform's call now.
+    let second = spawn_get(&h, "slowpoke.default");
+    eventually("the second request to queue", || h.queued("slowpoke") == 2).await;
+    assert_eq!(app.requests.load(Ordering::SeqCst), 1);
+
+    // The kubelet would have marked it ready once it is: then the slice lists it.
+    app.ready.store(true, Ordering::SeqCst);
+    platform.set_endpoints(&key("slowpoke"), vec![named("slowpoke-1", app.addr)]);
+    for pending in [pending, second] {
+        let (status, body, _) = pending.await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "warm"));
+    }
+    let m = h.metrics_text();
+    assert_eq!(
+        counter(&m, "zeroscale_activator_early_routes_total", "server_error"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_replica_whose_check_passes_then_fails_is_dropped_without_a_client_error() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("flaky", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let flaky = warming_backend("flaky").await;
+    flaky.ready.store(true, Ordering::SeqCst);
+    let steady = hello_backend("steady").await;
+
+    let first = spawn_get(&h, "flaky.default");
+    platform.wait_for_wakes(1).await;
+    platform.set_candidates(
+        &key("flaky"),
+        vec![candidate(
+            "flaky-1",
+            flaky.addr,
+            vec![http_check(flaky.addr, "/healthz")],
+        )],
+    );
+    let (status, body, _) = first.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "flaky"));
+
+    // Its check fails now, and so do its answers: a request sent before the activator's
+    // next check gets a 503 there, which is replayed; after it, none is sent there.
+    flaky.ready.store(false, Ordering::SeqCst);
+    let second = spawn_get(&h, "flaky.default");
+    eventually("the early route to be dropped", || {
+        let m = h.metrics_text();
+        counter(&m, "zeroscale_activator_early_routes_total", "check_failed")
+            + counter(&m, "zeroscale_activator_early_routes_total", "server_error")
+            == 1
+    })
+    .await;
+    eventually("the request to wait", || h.queued("flaky") == 1).await;
+    // It recovers: the activator's verdict on it stays (the platform decides now).
+    flaky.ready.store(true, Ordering::SeqCst);
+    let seen = flaky.requests.load(Ordering::SeqCst);
+    platform.set_endpoints(&key("flaky"), vec![named("other", steady)]);
+    let (status, body, _) = second.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "steady"));
+    assert_eq!(flaky.requests.load(Ordering::SeqCst), seen);
+}
+
+#[tokio::test]
+async fn a_replica_deleted_while_probed_is_never_used() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("gone", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let doomed = warming_backend("doomed").await;
+    let other = hello_backend("other").await;
+
+    let pending = spawn_get(&h, "gone.default");
+    platform.wait_for_wakes(1).await;
+    let mut pod = candidate(
+        "gone-1",
+        doomed.addr,
+        vec![http_check(doomed.addr, "/healthz")],
+    );
+    platform.set_candidates(&key("gone"), vec![pod.clone()]);
+    eventually("the pod to be probed", || {
+        doomed.checks.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    // Deleted (terminating first, then gone) while its check still fails; a second pod
+    // (still warming) comes in the next set, so once it is probed, the deletion has been
+    // taken in (the sets are handled in order).
+    let witness = warming_backend("witness").await;
+    pod.terminating = true;
+    platform.set_candidates(&key("gone"), vec![pod]);
+    platform.set_candidates(&key("gone"), vec![]);
+    platform.set_candidates(
+        &key("gone"),
+        vec![candidate(
+            "gone-3",
+            witness.addr,
+            vec![http_check(witness.addr, "/healthz")],
+        )],
+    );
+    eventually("the witness to be probed", || {
+        witness.checks.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // Then its app comes up: it must not be probed or used any more (one check may have
+    // been under way when its prober stopped).
+    doomed.ready.store(true, Ordering::SeqCst);
+    let checks = doomed.checks.load(Ordering::SeqCst);
+    let witnessed = witness.checks.load(Ordering::SeqCst);
+    eventually("the witness to be probed a few more times", || {
+        witness.checks.load(Ordering::SeqCst) >= witnessed + 3
+    })
+    .await;
+    assert!(
+        doomed.checks.load(Ordering::SeqCst) <= checks + 1,
+        "the prober stopped"
+    );
+    assert!(!pending.is_finished());
+
+    platform.set_endpoints(&key("gone"), vec![named("gone-2", other)]);
+    let (status, body, _) = pending.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "other"));
+    assert_eq!(doomed.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn the_platforms_verdict_wins_once_it_has_listed_a_replica() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function(
+        "judged",
+        serde_json::json!({"timeouts": {"activation": "1s"}}),
+    ));
+    let h = start(platform.clone()).await;
+    let pod = warming_backend("pod").await;
+    pod.ready.store(true, Ordering::SeqCst);
+
+    let first = spawn_get(&h, "judged.default");
+    platform.wait_for_wakes(1).await;
+    let c = candidate("judged-1", pod.addr, vec![http_check(pod.addr, "/healthz")]);
+    platform.set_candidates(&key("judged"), vec![c.clone()]);
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+    // The slice lists it ready, then marks it not ready (its kubelet's probe failed).
+    platform.set_endpoints(&key("judged"), vec![named("judged-1", pod.addr)]);
+    assert_eq!(body_text(h.get("judged.default").await).await, "pod");
+    platform.set_endpoints(&key("judged"), vec![]);
+
+    // A request now wakes it again and the pod watch reopens: the pod still passes the
+    // activator's own check, but the slice's verdict on it stands.
+    let served = pod.requests.load(Ordering::SeqCst);
+    let resp = h.get("judged.default").await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(platform.candidate_watches_opened(&key("judged")), 2);
+    assert_eq!(pod.requests.load(Ordering::SeqCst), served);
+
+    // A terminating pod is dropped at once, even while routed early.
+    let second = warming_backend("second").await;
+    second.ready.store(true, Ordering::SeqCst);
+    let third = hello_backend("third").await;
+    let pending = spawn_get(&h, "judged.default");
+    let mut c2 = candidate("judged-2", second.addr, vec![tcp_check(second.addr)]);
+    eventually("the pod watch to reopen", || {
+        platform.candidate_watches(&key("judged")) == 1
+    })
+    .await;
+    platform.set_candidates(&key("judged"), vec![c.clone(), c2.clone()]);
+    assert_eq!(pending.await.unwrap().1, "second");
+    c2.terminating = true;
+    platform.set_candidates(&key("judged"), vec![c, c2]);
+    eventually("the early route to be dropped", || {
+        counter(
+            &h.metrics_text(),
+            "zeroscale_activator_early_routes_total",
+            "terminating",
+        ) == 1
+    })
+    .await;
+    let pending = spawn_get(&h, "judged.default");
+    eventually("the request to wait", || h.queued("judged") == 1).await;
+    platform.set_endpoints(&key("judged"), vec![named("judged-3", third)]);
+    assert_eq!(pending.await.unwrap().1, "third");
+    assert_eq!(second.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn requests_that_cannot_be_replayed_wait_for_the_platform() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("posts", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let replica = hello_backend("answer").await;
+
+    let post = {
+        let client = h.client.clone();
+        let req = h
+            .request("posts.default", "/")
+            .method("POST")
+            .body(text("a body"))
+            .unwrap();
+        tokio::spawn(async move { body_text(client.request(req).await.unwrap()).await })
+    };
+    platform.wait_for_wakes(1).await;
+    platform.set_candidates(
+        &key("posts"),
+        vec![candidate("posts-1", replica, vec![tcp_check(replica)])],
+    );
+    // A GET goes early; the POST waits for the platform.
+    assert_eq!(body_text(h.get("posts.default").await).await, "answer");
+    assert_eq!(h.queued("posts"), 1);
+    platform.set_endpoints(&key("posts"), vec![named("posts-1", replica)]);
+    assert_eq!(post.await.unwrap(), "answer");
+}
+
+#[tokio::test]
+async fn a_replica_used_early_counts_in_its_drain() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("drained", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    // On its own loopback address: drains go by IP.
+    let gate = Arc::new(Semaphore::new(0));
+    let addr = {
+        let listener = TcpListener::bind("127.0.0.3:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let gate = gate.clone();
+                        async move {
+                            gate.acquire().await.unwrap().forget();
+                            Ok::<_, Infallible>(Response::new(text("slow")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    };
+    let held = spawn_get(&h, "drained.default");
+    platform.wait_for_wakes(1).await;
+    let mut pod = candidate("drained-1", addr, vec![tcp_check(addr)]);
+    platform.set_candidates(&key("drained"), vec![pod.clone()]);
+    eventually("the request to be in flight", || {
+        h.activator.endpoint_in_flight(addr) == 1
+    })
+    .await;
+
+    // Its pod is deleted while the request is in flight: the drain hook waits.
+    platform.set_stopping(&key("drained"), vec![addr.ip()]);
+    let drain = tokio::spawn({
+        let req = h
+            .request("10.96.0.20", "/.zeroscale/drain/default/drained")
+            .body(empty())
+            .unwrap();
+        let client = h.client.clone();
+        async move { body_text(client.request(req).await.unwrap()).await }
+    });
+    tokio::pin!(drain);
+    pod.terminating = true;
+    platform.set_candidates(&key("drained"), vec![pod]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut drain)
+            .await
+            .is_err(),
+        "a request is in flight: the drain must wait"
+    );
+    gate.add_permits(1);
+    assert_eq!(held.await.unwrap().1, "slow");
+    let body = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the drain answers once the replica is idle")
+        .unwrap();
+    assert_eq!(body, "drained");
+}
+
+#[tokio::test]
+async fn without_the_cold_start_probe_a_wake_waits_for_the_platform() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("plain", serde_json::json!({})));
+    let h = start_with(
+        platform.clone(),
+        Settings {
+            cold_start_probe: false,
+            ..Settings::default()
+        },
+    )
+    .await;
+    let replica = hello_backend("plain").await;
+    platform.set_candidates(
+        &key("plain"),
+        vec![candidate("plain-1", replica, vec![tcp_check(replica)])],
+    );
+    let pending = spawn_get(&h, "plain.default");
+    platform.wait_for_wakes(1).await;
+    eventually("the request to queue", || h.queued("plain") == 1).await;
+    assert_eq!(platform.candidate_watches_opened(&key("plain")), 0);
+    platform.set_endpoints(&key("plain"), vec![named("plain-1", replica)]);
+    assert_eq!(pending.await.unwrap().1, "plain");
+}
+
+#[tokio::test]
+async fn a_new_pod_that_takes_a_listed_pods_name_is_probed() {
+    // A StatefulSet's pod comes back under its predecessor's name, at a new address: the
+    // platform's verdict on the old one says nothing about it.
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("web", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let old = hello_backend("old").await;
+    platform.set_endpoints(&key("web"), vec![named("web-0", old)]);
+    assert_eq!(body_text(h.get("web.default").await).await, "old");
+    platform.set_endpoints(&key("web"), vec![]);
+
+    let pending = spawn_get(&h, "web.default");
+    platform.wait_for_wakes(1).await;
+    let new = hello_backend("new").await;
+    platform.set_candidates(
+        &key("web"),
+        vec![candidate("web-0", new, vec![tcp_check(new)])],
+    );
+    let (status, body, cold) = pending.await.unwrap();
+    assert_eq!((status, body.as_str(), cold), (StatusCode::OK, "new", true));
+    assert!(platform.endpoints_of(&key("web")).is_empty());
+}
+
+#[tokio::test]
+async fn a_woken_replica_listed_before_it_listens_is_waited_for_not_a_502() {
+    // No readiness probe: the platform lists the pod ready as soon as its container runs,
+    // before the app listens. A connect refused then means "not yet", not "gone".
+    for probe in [true, false] {
+        let platform = MemoryPlatform::new();
+        platform.apply_function(function("bare", serde_json::json!({})));
+        let h = start_with(
+            platform.clone(),
+            Settings {
+                cold_start_probe: probe,
+                ..Settings::default()
+            },
+        )
+        .await;
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let pending = spawn_get(&h, "bare.default");
+        platform.wait_for_wakes(1).await;
+        platform.set_endpoints(&key("bare"), vec![named("bare-1", addr)]);
+        eventually("the request to leave the queue", || h.queued("bare") == 0).await;
+        assert!(!pending.is_finished(), "it waits for the app to listen");
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(text("listening now")))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        let (status, body, cold) = pending.await.unwrap();
+        assert_eq!(
+            (status, body.as_str(), cold),
+            (StatusCode::OK, "listening now", true),
+            "cold_start_probe={probe}"
+        );
+    }
 }

@@ -558,6 +558,14 @@ async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
     // From zero: the first request wakes it, through the Function's Service.
     let gw = gateway(&cluster, &install, &ns.name, "echo").await;
     assert_woken(&first_answer(&gw, "/").await, "echo");
+    // Warm for every activator once the slice lists the pod (until then, one that has not
+    // served it yet holds a request for its own probe of the pod: a cold start to it).
+    eventually(
+        "the slice to list the pod",
+        Duration::from_secs(60),
+        || async { (ready_in_slices(&cluster, &ns.name, "echo").await >= 1).then_some(()) },
+    )
+    .await;
     let warm = get(gw.addr, &gw.host, "/").await.expect("a warm answer");
     assert_eq!(warm.status, 200);
     assert!(warm.headers.get(COLD_START_HEADER).is_none());
@@ -1097,9 +1105,14 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
     let cold = first_answer(&gw, "/").await;
     assert_woken(&cold, "web-lazy");
     assert!(cold.body.starts_with("host=web-"), "{}", cold.body);
-    let again = get(own_gw.addr, &own_gw.host, "/")
-        .await
-        .expect("the own Service");
+    // The activator may answer before the pod's slices say ready (it probes a waking
+    // Function's pods itself): the own Service follows once its slice catches up.
+    let again = eventually(
+        "the own Service to answer",
+        Duration::from_secs(60),
+        || async { get(own_gw.addr, &own_gw.host, "/").await.ok() },
+    )
+    .await;
     assert_eq!(again.status, 200);
     eprintln!("ok: woken from zero through the activator");
 
@@ -1200,4 +1213,565 @@ async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
 
 fn services_of(cluster: &Cluster, namespace: &str) -> Api<Service> {
     Api::namespaced(cluster.client.clone(), namespace)
+}
+
+// ------------------------------------------------ cold starts below the platform floor
+//
+// The activator watches a waking Function's pods and probes a new one itself, so the
+// first request is answered before the EndpointSlice says the pod is ready (issue 15).
+
+/// The `name` counter with label `outcome`, summed over every activator of `install`
+/// (their `/metrics` on the admin port, reached at the pod IP).
+async fn activator_counter(cluster: &Cluster, install: &Install, name: &str, outcome: &str) -> u64 {
+    let prefix = format!("{name}{{outcome=\"{outcome}\"}} ");
+    let mut sum = 0;
+    for pod in install.pods(cluster, "activator").await {
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            continue;
+        };
+        let Ok(addr) = format!("{ip}:9090").parse() else {
+            continue;
+        };
+        if let Ok(r) = get(addr, "metrics", "/metrics").await {
+            sum += r
+                .body
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+        }
+    }
+    sum
+}
+
+/// Addresses the private Service's slices of Function `name` list as ready.
+async fn ready_in_slices(cluster: &Cluster, namespace: &str, name: &str) -> usize {
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), namespace);
+    let list = slices
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("kubernetes.io/service-name={name}-private")),
+        )
+        .await
+        .expect("listing the private slices");
+    list.items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .count()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster (make e2e)"]
+async fn a_function_at_zero_is_answered_before_its_endpointslice_says_ready() {
+    let test = "a_function_at_zero_is_answered_before_its_endpointslice_says_ready";
+    let Some(cluster) = cluster(test).await else {
+        return;
+    };
+    remove_leftovers(&cluster).await;
+    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
+    let ns = TestNamespace::new(&cluster, "zeroscale-e2e-early").await;
+    let (release, system) = release_names();
+    let install = Install::chart(
+        &cluster,
+        &release,
+        &system,
+        json!({"watchNamespaces": [ns.name], "operator": {"replicas": 1}}),
+    )
+    .await;
+    install.wait_ready(&cluster).await;
+
+    // The pod read is watch and list, nothing more.
+    let can = |verb: &str| {
+        kubectl(
+            &[
+                "auth",
+                "can-i",
+                verb,
+                "pods",
+                "-n",
+                &ns.name,
+                &format!("--as=system:serviceaccount:{system}:{}", install.activator),
+            ],
+            None,
+        )
+        .is_ok_and(|out| out.trim() == "yes")
+    };
+    assert!(can("watch") && can("list"), "the activator watches pods");
+    assert!(!can("get") && !can("delete") && !can("patch"));
+
+    // A readiness probe the kubelet first runs 20 s after the start: the platform says
+    // ready only then, the activator's own check passes as soon as the app listens.
+    let mut f = test_function(
+        &ns.name,
+        "early",
+        json!({"scale": {"min": 0, "max": 1, "idleTimeout": "120s"}}),
+    );
+    f["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = json!({
+        "tcpSocket": {"port": 8080}, "initialDelaySeconds": 20, "periodSeconds": 5
+    });
+    apply(&f).expect("the Function applies");
+    wait_ready_condition(&cluster, &ns.name, "early").await;
+    let gw = gateway(&cluster, &install, &ns.name, "early").await;
+
+    let started = tokio::time::Instant::now();
+    let reply = first_answer(&gw, "/").await;
+    let took = started.elapsed();
+    assert_woken(&reply, "early");
+    assert_eq!(
+        ready_in_slices(&cluster, &ns.name, "early").await,
+        0,
+        "answered in {took:?}, before the slice listed the pod ready"
+    );
+    assert!(
+        activator_counter(
+            &cluster,
+            &install,
+            "zeroscale_activator_early_requests_total",
+            "answered"
+        )
+        .await
+            >= 1,
+        "the activator says it served the request early"
+    );
+    eprintln!("ok: answered from zero in {took:?}, before the EndpointSlice said ready");
+
+    // The slice catches up; its view routes from then on.
+    eventually(
+        "the slice to list the pod ready",
+        Duration::from_secs(90),
+        || async { (ready_in_slices(&cluster, &ns.name, "early").await >= 1).then_some(()) },
+    )
+    .await;
+    let warm = get(gw.addr, &gw.host, "/").await.expect("a warm answer");
+    assert_eq!(warm.status, 200, "{warm:?}");
+    assert!(warm.headers.get(COLD_START_HEADER).is_none(), "{warm:?}");
+    assert_eq!(warm.body, reply.body, "the same pod");
+
+    drop(gw);
+    drop(ns);
+    drop(install);
+    wait_namespace_gone(&cluster, &system).await;
+}
+
+// ------------------------------------------------------------ cold-start benchmark
+//
+// `make bench-cluster` (or this test by name): wakes from zero next to the platform floor
+// measured in the same run, interleaved round by round so they share the machine's load.
+
+/// The benchmark's app: the suite's test app that also says, in headers of every answer,
+/// when its process started and when it listened (wall clock, seconds; the stand-in runs
+/// pods on this host, so the clocks are the same).
+const BENCH_APP: &str = r#"
+import os, time
+def started():
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        up = float(f.read().split()[0])
+    return time.time() - (up - ticks / os.sysconf("SC_CLK_TCK"))
+START = started()
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("host=%s\n" % os.environ.get("HOSTNAME", "")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-App-Start", "%f" % START)
+        self.send_header("X-App-Listen", "%f" % LISTEN)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+server = ThreadingHTTPServer(("", int(os.environ["PORT"])), H)
+LISTEN = time.time()
+server.serve_forever()
+"#;
+
+/// The benchmark app's pod spec. With `probe`, one readiness probe, as most apps have (a
+/// TCP connect every second: the kubelet's first check, at the start, finds the app not
+/// listening yet); without, the kubelet calls the pod ready as soon as its container runs,
+/// before the app listens.
+fn bench_pod_spec(probe: bool) -> serde_json::Value {
+    let mut spec = json!({
+        "terminationGracePeriodSeconds": 2,
+        "containers": [{
+            "name": "app",
+            "image": "python:3.12-alpine",
+            "command": ["python3", "-u", "-c", BENCH_APP],
+            "env": [{"name": "PORT", "value": "8080"}],
+            "ports": [{"containerPort": 8080}],
+        }],
+    });
+    if probe {
+        spec["containers"][0]["readinessProbe"] =
+            json!({"tcpSocket": {"port": 8080}, "periodSeconds": 1});
+    }
+    spec
+}
+
+fn now_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One wake, in seconds from its start: the app's process started, it listened, done
+/// (answered, or listed ready for the floor).
+#[derive(Debug, Clone, Copy)]
+struct Wake {
+    start: f64,
+    listen: f64,
+    done: f64,
+}
+
+/// When the app answering `reply` started and listened (epoch seconds).
+fn app_times(reply: &Reply) -> (f64, f64) {
+    let header = |name: &str| -> f64 {
+        reply
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {reply:?}"))
+    };
+    (header("x-app-start"), header("x-app-listen"))
+}
+
+/// The IP of the one running pod selected by `labels`.
+async fn pod_ip(cluster: &Cluster, namespace: &str, labels: &str) -> String {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(cluster.client.clone(), namespace);
+    eventually("the pod's IP", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(labels))
+                .await
+                .ok()?;
+            list.items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .find_map(|p| p.status.as_ref()?.pod_ip.clone())
+        }
+    })
+    .await
+}
+
+/// Waits until no pod matches `labels` (the last wake's pod is gone).
+async fn no_pods(cluster: &Cluster, namespace: &str, labels: &str) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(cluster.client.clone(), namespace);
+    eventually("the pods to be gone", Duration::from_secs(120), || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(labels))
+                .await
+                .ok()?;
+            list.items.is_empty().then_some(())
+        }
+    })
+    .await;
+}
+
+/// The floor: scale the plain Deployment `floor` 0 -> 1 and wait, on a watch, until its
+/// Service's EndpointSlice lists the pod ready; then back to zero.
+async fn floor_wake(cluster: &Cluster, namespace: &str) -> Wake {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), namespace);
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), namespace);
+    let stream = watcher::watcher(
+        slices,
+        watcher::Config::default().labels("kubernetes.io/service-name=floor"),
+    );
+    futures::pin_mut!(stream);
+    let ready = |s: &EndpointSlice| {
+        s.endpoints
+            .iter()
+            .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+    };
+    while let Some(event) = stream.next().await {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            break;
+        }
+    }
+    let t0 = now_epoch();
+    deployments
+        .patch_scale(
+            "floor",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .expect("scaling the floor Deployment");
+    let done = loop {
+        match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+            Ok(Some(Ok(watcher::Event::Apply(s)))) if ready(&s) => break now_epoch(),
+            Ok(Some(_)) => {}
+            _ => panic!("the floor pod was not listed ready within 60 s"),
+        }
+    };
+    let ip = pod_ip(cluster, namespace, "app=floor").await;
+    let addr = format!("{ip}:8080").parse().expect("a pod IP");
+    // Without a readiness probe the slice may say ready before the app listens.
+    let reply = eventually(
+        "the floor app to answer",
+        Duration::from_secs(30),
+        || async { get(addr, "floor", "/").await.ok() },
+    )
+    .await;
+    let (start, listen) = app_times(&reply);
+    deployments
+        .patch_scale(
+            "floor",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .expect("scaling the floor Deployment down");
+    no_pods(cluster, namespace, "app=floor").await;
+    Wake {
+        start: start - t0,
+        listen: listen - t0,
+        done: done - t0,
+    }
+}
+
+/// A request to Function `name` at zero: the wake as its client sees it, or what it got
+/// instead of a 200. Then waits until it is back at zero (its idle timeout) with no pod
+/// left.
+async fn function_wake(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+    gw: &Gateway,
+) -> Result<Wake, String> {
+    let t0 = now_epoch();
+    let reply = get(gw.addr, &gw.host, "/").await;
+    let done = now_epoch();
+    let labels = format!("{FUNCTION_LABEL}={name}");
+    // Back to zero: the idle timeout, the pod gone, the slice empty.
+    let back_to_zero = async {
+        no_pods(cluster, namespace, &labels).await;
+        eventually("the slice to be empty", Duration::from_secs(60), || async {
+            (ready_in_slices(cluster, namespace, name).await == 0).then_some(())
+        })
+        .await;
+    };
+    match reply {
+        Ok(reply) if reply.status == 200 => {
+            assert_woken(&reply, name);
+            let (start, listen) = app_times(&reply);
+            back_to_zero.await;
+            Ok(Wake {
+                start: start - t0,
+                listen: listen - t0,
+                done: done - t0,
+            })
+        }
+        other => {
+            back_to_zero.await;
+            Err(format!("{other:?}"))
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One row: median and p95 of the total, and medians of its parts, in ms; and how many
+/// wakes got something else than a 200.
+fn summary(what: &str, wakes: &[Wake], errors: usize) -> (f64, String) {
+    let col = |f: &dyn Fn(&Wake) -> f64| {
+        let mut v: Vec<f64> = wakes.iter().map(|w| f(w) * 1000.0).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let total = col(&|w| w.done);
+    let median = percentile(&total, 50.0);
+    let row = format!(
+        "| {what} | {} | {errors} | {median:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        wakes.len() + errors,
+        percentile(&total, 95.0),
+        percentile(&col(&|w| w.start), 50.0),
+        percentile(&col(&|w| w.listen - w.start), 50.0),
+        percentile(&col(&|w| w.done - w.listen), 50.0),
+    );
+    (median, row)
+}
+
+#[tokio::test]
+#[ignore = "a benchmark on a Kubernetes cluster (make bench-cluster)"]
+async fn bench_cold_start_against_the_platform_floor() {
+    let test = "bench_cold_start_against_the_platform_floor";
+    let Some(cluster) = cluster(test).await else {
+        return;
+    };
+    let wakes: usize = std::env::var("ZEROSCALE_BENCH_WAKES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    // `none`: the app without a readiness probe (the floor then does not wait for it).
+    let probe = std::env::var("ZEROSCALE_BENCH_READINESS").as_deref() != Ok("none");
+    eprintln!(
+        "{wakes} wakes of each; the app {}",
+        if probe {
+            "with a tcpSocket readiness probe, periodSeconds 1"
+        } else {
+            "without a readiness probe"
+        }
+    );
+    remove_leftovers(&cluster).await;
+    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
+    // Two installs side by side, the fast path on and off, each serving its own namespace
+    // (an install serves every Function of the namespaces it watches), and the floor's
+    // plain Deployment in a third: the same app everywhere.
+    let mut modes = Vec::new();
+    for fast in [true, false] {
+        let ns = TestNamespace::new(&cluster, "zeroscale-bench-cold").await;
+        let (release, system) = release_names();
+        let install = Install::chart(
+            &cluster,
+            &release,
+            &system,
+            json!({
+                "watchNamespaces": [ns.name],
+                "operator": {"replicas": 1},
+                "activator": {"replicas": 1, "coldStartProbe": fast},
+                "logging": {"level": "info"},
+            }),
+        )
+        .await;
+        modes.push((fast, ns, install, system));
+    }
+    let floor_ns = TestNamespace::new(&cluster, "zeroscale-bench-floor").await;
+    apply(&json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "floor", "namespace": floor_ns.name},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "floor"}},
+            "template": {"metadata": {"labels": {"app": "floor"}}, "spec": bench_pod_spec(probe)},
+        },
+    }))
+    .expect("the floor Deployment applies");
+    apply(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "floor", "namespace": floor_ns.name},
+        "spec": {"selector": {"app": "floor"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))
+    .expect("the floor Service applies");
+    let mut gateways = Vec::new();
+    for (_, ns, install, _) in &modes {
+        install.wait_ready(&cluster).await;
+        apply(&json!({
+            "apiVersion": "zeroscale.dev/v1alpha1",
+            "kind": "Function",
+            "metadata": {"name": "bench", "namespace": ns.name},
+            "spec": {
+                "template": {"spec": bench_pod_spec(probe)},
+                "scale": {"min": 0, "max": 1, "idleTimeout": "1s"},
+            },
+        }))
+        .expect("the Function applies");
+        wait_ready_condition(&cluster, &ns.name, "bench").await;
+        let gw = gateway(&cluster, install, &ns.name, "bench").await;
+        // A first wake, not counted: the Service proxy and the activator's connections
+        // set up, and the Function back at zero.
+        let first = first_answer(&gw, "/").await;
+        eprintln!("first wake (not counted): {}", first.status);
+        let labels = format!("{FUNCTION_LABEL}=bench");
+        no_pods(&cluster, &ns.name, &labels).await;
+        eventually("the slice to be empty", Duration::from_secs(60), || async {
+            (ready_in_slices(&cluster, &ns.name, "bench").await == 0).then_some(())
+        })
+        .await;
+        gateways.push(gw);
+    }
+
+    let (mut floor, mut on, mut off) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut on_errors, mut off_errors) = (Vec::new(), Vec::new());
+    let ms = |w: &Result<Wake, String>| match w {
+        Ok(w) => format!("{:.0} ms", w.done * 1e3),
+        Err(e) => format!("ERROR {e}"),
+    };
+    for round in 0..wakes {
+        let f = floor_wake(&cluster, &floor_ns.name).await;
+        floor.push(f);
+        let mut line = format!("round {round}: floor {:.0} ms", f.done * 1e3);
+        for ((fast, ns, _, _), gw) in modes.iter().zip(&gateways) {
+            let w = function_wake(&cluster, &ns.name, "bench", gw).await;
+            line += &format!(
+                ", fast path {} {}",
+                if *fast { "on" } else { "off" },
+                ms(&w)
+            );
+            let (wakes, errors) = if *fast {
+                (&mut on, &mut on_errors)
+            } else {
+                (&mut off, &mut off_errors)
+            };
+            match w {
+                Ok(w) => wakes.push(w),
+                Err(e) => errors.push(e),
+            }
+        }
+        eprintln!("{line}");
+    }
+    let (floor_median, floor_row) =
+        summary("platform floor (slice lists the pod ready)", &floor, 0);
+    let (on_median, on_row) = summary("zeroscale, fast path on (answered)", &on, on_errors.len());
+    let (off_median, off_row) = summary(
+        "zeroscale, fast path off (answered)",
+        &off,
+        off_errors.len(),
+    );
+    eprintln!(
+        "\n| wakes from zero | n | not 200 | median ms | p95 ms | to process start (median) | app start to listen (median) | listen to done (median) |\n|---|---|---|---|---|---|---|---|\n{floor_row}\n{on_row}\n{off_row}\n"
+    );
+    eprintln!(
+        "fast path vs floor: {:+.1}% (goal <= -30%); without it: {:+.1}%",
+        (on_median / floor_median - 1.0) * 100.0,
+        (off_median / floor_median - 1.0) * 100.0
+    );
+    if probe {
+        // With a readiness probe, every wake is answered, early or not.
+        assert!(
+            on_errors.is_empty() && off_errors.is_empty(),
+            "{on_errors:?} {off_errors:?}"
+        );
+    }
+    assert_eq!(
+        activator_counter(
+            &cluster,
+            &modes[1].2,
+            "zeroscale_activator_early_requests_total",
+            "answered"
+        )
+        .await,
+        0,
+        "the install without the fast path used none"
+    );
+
+    drop(gateways);
+    drop(floor_ns);
+    let mut systems = Vec::new();
+    for (_, ns, install, system) in modes {
+        drop(ns);
+        drop(install);
+        systems.push(system);
+    }
+    for system in systems {
+        wait_namespace_gone(&cluster, &system).await;
+    }
 }

@@ -2,6 +2,9 @@
 //! the wake of a cold Function (one wake per cold episode, retried with backoff while
 //! requests wait). Requests pass as soon as a replica has room; the queue's notification
 //! is driven by endpoint changes, freed capacity and status changes.
+//!
+//! While the platform lists no ready replica, a request that may be replayed can also
+//! pass to a replica the activator probed itself (`early`); the wake starts that too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +15,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::Activator;
 use super::balancer::{self, Lease, NoReplica};
+use super::early::{self, EarlyRoutes};
 use super::error::ProxyError;
 use super::routing::{Conf, FunctionState};
 use super::stats::{Counters, FunctionMetrics};
@@ -29,6 +34,8 @@ pub(crate) struct Traffic {
     pub(crate) changed: Notify,
     /// A wake episode is running.
     waking: AtomicBool,
+    /// Replicas probed ready by this activator before the platform lists them.
+    pub(crate) early: EarlyRoutes,
 }
 
 impl Traffic {
@@ -38,6 +45,7 @@ impl Traffic {
             metrics,
             changed: Notify::new(),
             waking: AtomicBool::new(false),
+            early: EarlyRoutes::default(),
         }
     }
 }
@@ -49,6 +57,9 @@ pub(crate) struct Admitted {
     pub(crate) cold: bool,
     /// It waited in the queue (for a wake or for capacity).
     pub(crate) queued: bool,
+    /// The replica is one the activator probed itself, not yet listed ready by the
+    /// platform: a failure or a 5xx answer must be replayed, not passed on.
+    pub(crate) early: bool,
 }
 
 /// A request's place in the queue; leaving (served, timed out, or the client went away
@@ -84,13 +95,16 @@ impl Drop for QueueSlot<'_> {
 
 /// Admits a request to a replica of `fs`: at once when one has room, else after waiting
 /// in the queue until one does, `deadline` passes, or the Function is known not to start.
+/// `early_ok`: the request may go to a replica the platform does not list yet (it can be
+/// replayed; see `early`).
 pub(crate) async fn admit(
+    act: &Arc<Activator>,
     fs: &Arc<FunctionState>,
     conf: &Conf,
     traffic: &Traffic,
-    platform: &Arc<dyn Platform>,
     deadline: Instant,
     tried: &[SocketAddr],
+    early_ok: bool,
 ) -> Result<Admitted, ProxyError> {
     // Fast path. With a concurrency cap, queued requests go first.
     if conf.container_concurrency.is_none() || traffic.counters.queued.load(Ordering::SeqCst) == 0 {
@@ -100,10 +114,22 @@ pub(crate) async fn admit(
                     lease,
                     cold: false,
                     queued: false,
+                    early: false,
                 });
             }
             Err(NoReplica::AllTried) => return Err(unreachable(fs, tried)),
             Err(NoReplica::Empty) => {
+                if early_ok
+                    && let Ok(lease) =
+                        balancer::pick(&traffic.early.replicas(), conf.container_concurrency, &[])
+                {
+                    return Ok(Admitted {
+                        lease,
+                        cold: false,
+                        queued: false,
+                        early: true,
+                    });
+                }
                 if let Some(reason) = &conf.startup_failure {
                     return Err(ProxyError::StartupFailure {
                         key: fs.key.clone(),
@@ -136,18 +162,34 @@ pub(crate) async fn admit(
                     lease,
                     cold,
                     queued: true,
+                    early: false,
                 });
             }
             Err(NoReplica::AllTried) => return Err(unreachable(fs, tried)),
             Err(NoReplica::Empty) => {
-                if let Some(reason) = &conf.startup_failure {
+                // Early replicas at their cap: wait until one has room again.
+                if early_ok
+                    && let Ok(lease) =
+                        balancer::pick(&traffic.early.replicas(), conf.container_concurrency, &[])
+                {
+                    return Ok(Admitted {
+                        lease,
+                        cold,
+                        queued: true,
+                        early: true,
+                    });
+                }
+                if traffic.early.is_empty()
+                    && let Some(reason) = &conf.startup_failure
+                {
                     return Err(ProxyError::StartupFailure {
                         key: fs.key.clone(),
                         reason: reason.clone(),
                     });
                 }
                 cold = true;
-                ensure_waking(fs, traffic, platform, conf.initial);
+                ensure_waking(act, fs, traffic, conf.initial);
+                early::start(act, fs, traffic);
             }
             Err(NoReplica::Busy) => {}
         }
@@ -171,18 +213,13 @@ fn unreachable(fs: &FunctionState, tried: &[SocketAddr]) -> ProxyError {
 }
 
 /// Starts a wake episode unless one is running.
-fn ensure_waking(
-    fs: &Arc<FunctionState>,
-    traffic: &Traffic,
-    platform: &Arc<dyn Platform>,
-    initial: u32,
-) {
+fn ensure_waking(act: &Arc<Activator>, fs: &Arc<FunctionState>, traffic: &Traffic, initial: u32) {
     if traffic.waking.swap(true, Ordering::SeqCst) {
         return;
     }
     traffic.metrics.cold_starts.inc();
     let fs = fs.clone();
-    let platform = platform.clone();
+    let platform = act.platform.clone();
     let span = info_span!("wake", function = %fs.key);
     tokio::spawn(
         async move {
@@ -194,6 +231,7 @@ fn ensure_waking(
                 // going down; it saw the flag up and relies on us.
                 let still_cold = t.counters.queued.load(Ordering::SeqCst) > 0
                     && !fs.has_replicas()
+                    && t.early.is_empty()
                     && !fs.is_deleted();
                 if !still_cold || t.waking.swap(true, Ordering::SeqCst) {
                     return;
@@ -204,7 +242,8 @@ fn ensure_waking(
     );
 }
 
-/// Wakes the Function and waits until it has a replica, or nobody waits any more.
+/// Wakes the Function and waits until it has a replica (listed by the platform, or probed
+/// early), or nobody waits any more.
 async fn wake_episode(fs: &Arc<FunctionState>, platform: &Arc<dyn Platform>, initial: u32) {
     let Some(t) = fs.traffic_if_any() else { return };
     let started = Instant::now();
@@ -214,10 +253,11 @@ async fn wake_episode(fs: &Arc<FunctionState>, platform: &Arc<dyn Platform>, ini
         let notified = t.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if fs.has_replicas() {
+        let listed = fs.has_replicas();
+        if listed || !t.early.is_empty() {
             let secs = started.elapsed().as_secs_f64();
             t.metrics.wake_to_ready.observe(secs);
-            info!(seconds = secs, "ready after wake");
+            info!(seconds = secs, early = !listed, "ready after wake");
             return;
         }
         if t.counters.queued.load(Ordering::SeqCst) == 0 || fs.is_deleted() {

@@ -3,7 +3,8 @@
 //! replicas and streams the exchange, following the platform's watches (never polling).
 //!
 //! Layers, each in its module: `routing` (Host -> Function, replicas), `gate` (queue
-//! and wake), `balancer` (P2C least in flight, per-replica caps), `pool` (keep-alive
+//! and wake), `early` (cold starts served by replicas probed before the platform lists
+//! them), `balancer` (P2C least in flight, per-replica caps), `pool` (keep-alive
 //! connections per replica), `proxy` (headers, bodies, upgrades, retries), `stats`
 //! (autoscaler counters, Prometheus) and `error` (the one mapping from typed failures
 //! to HTTP answers); `client` is a client connection's state and timer, `workers` the
@@ -19,6 +20,7 @@
 mod balancer;
 mod client;
 pub mod drain;
+mod early;
 mod error;
 mod gate;
 pub mod lameduck;
@@ -114,6 +116,21 @@ pub struct Config {
     /// CPU the process may use).
     #[arg(long, env = "ZEROSCALE_DATA_PLANE_THREADS")]
     pub data_plane_threads: Option<usize>,
+    /// Serve a cold start before the platform lists a replica ready: while a Function
+    /// wakes, watch its pods, probe each new one with its own readiness check (httpGet
+    /// or tcpSocket probe, else a TCP connect to the port) and send replayable waiting
+    /// requests to it as soon as that passes. Needs `list`/`watch` on pods. `false`
+    /// waits for the EndpointSlice, as before.
+    #[arg(
+        long,
+        env = "ZEROSCALE_COLD_START_PROBE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true
+    )]
+    pub cold_start_probe: bool,
     #[command(flatten)]
     pub shared: crate::api::config::SharedArgs,
 }
@@ -147,6 +164,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
         workers: config
             .data_plane_threads
             .unwrap_or_else(Settings::threads_per_cpu),
+        cold_start_probe: config.cold_start_probe,
         ..Settings::default()
     };
     let client = kube::Client::try_default().await?;
@@ -243,6 +261,10 @@ pub struct Settings {
     /// connections handed to it; 0 serves every connection on the runtime that calls
     /// [`Activator::run`] (what the tests do, to control its clock).
     pub workers: usize,
+    /// Route replayable requests of a waking Function to replicas the activator probed
+    /// itself before the platform lists them ready (see `early`), where the platform
+    /// offers candidates.
+    pub cold_start_probe: bool,
 }
 
 impl Settings {
@@ -266,6 +288,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(3),
             pool_idle_timeout: Duration::from_secs(90),
             workers: 0,
+            cold_start_probe: true,
         }
     }
 }
@@ -513,6 +536,43 @@ impl Activator {
     pub fn routes(&self, host: &str) -> bool {
         crate::api::hosts::normalize_host_ref(host)
             .is_some_and(|h| self.table().lookup(&h).is_some())
+    }
+
+    /// Routes the replica at `addr` early for `fs` (see `early`); whether it was added.
+    fn add_early(&self, fs: &routing::FunctionState, addr: SocketAddr) -> bool {
+        let added = self.table_mut().add_early(fs, addr);
+        if added {
+            self.metrics
+                .early_routes
+                .with_label_values(&["routed"])
+                .inc();
+        }
+        added
+    }
+
+    /// Takes the replica at `addr` out of `fs`'s early routes for good (`why` labels the
+    /// metric when it was routed).
+    fn demote_early(&self, fs: &routing::FunctionState, addr: SocketAddr, why: &str) {
+        if let Some(t) = fs.traffic_if_any()
+            && t.early.demote(addr)
+        {
+            self.metrics.early_routes.with_label_values(&[why]).inc();
+        }
+    }
+
+    /// Drops every early route of `fs`.
+    fn clear_early(&self, fs: &routing::FunctionState) {
+        self.table_mut().clear_early(fs);
+    }
+
+    /// Whether the platform has listed replica `name` of `key` ready before.
+    fn was_listed_ready(
+        &self,
+        key: &crate::api::FunctionKey,
+        name: &str,
+        addr: SocketAddr,
+    ) -> bool {
+        self.table().was_listed_ready(key, name, addr)
     }
 
     /// Requests in flight to one replica now; `dev` waits for zero before it stops a

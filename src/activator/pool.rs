@@ -94,6 +94,13 @@ pub(crate) enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// Nothing listens at the address (yet): the connect was refused.
+    pub(crate) fn is_refused(&self) -> bool {
+        matches!(self, ConnectError::Tcp { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused)
+    }
+}
+
 /// Idle connections with when each came back, newest last.
 type Stack = Mutex<Vec<(Conn, Instant)>>;
 

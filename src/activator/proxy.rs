@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
@@ -170,7 +171,12 @@ async fn forward(
     let deadline = guard.start + conf.activation;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut stale = 0;
+    let mut replays = 0;
+    let mut refused: u32 = 0;
     let mut cold = false;
+    // A replica routed early may fail, or answer 5xx, where the platform's own verdict
+    // would not have sent the request yet: only requests that can be sent again go there.
+    let early_ok = act.settings.cold_start_probe && replayable(&up);
     // `up` is only ever handed to a replica connection; each failure before it was
     // written gives it back, so a retry resends the same request, body untouched.
     let (resp, upstream) = loop {
@@ -178,13 +184,17 @@ async fn forward(
             lease,
             cold: woken,
             queued,
-        } = gate::admit(fs, conf, traffic, &act.platform, deadline, &tried).await?;
+            early,
+        } = gate::admit(act, fs, conf, traffic, deadline, &tried, early_ok).await?;
         cold |= woken;
         let replica = lease.replica().clone();
         guard.admitted(lease);
+        // For a replay: the request as it is now (empty body, see `replayable`).
+        let replay = early.then(|| copy_request(&up));
 
         // From now: admitted at once on the first attempt is admitted at arrival.
-        let admitted_at = if queued || !tried.is_empty() || stale > 0 {
+        let admitted_at = if queued || !tried.is_empty() || stale > 0 || replays > 0 || refused > 0
+        {
             Instant::now()
         } else {
             guard.start
@@ -206,9 +216,32 @@ async fn forward(
         let (mut upstream, pooled) = match acquired {
             Ok(c) => c,
             Err(e) => {
-                debug!(function = %fs.key, error = %e, "replica unreachable, trying another");
+                debug!(function = %fs.key, error = %e, early, "replica unreachable, trying another");
                 guard.release(Instant::now());
-                tried.push(replica.addr);
+                if early {
+                    // Its own check passed; the platform will tell. Not a tried replica:
+                    // when the platform lists it, it is one like any other.
+                    act.demote_early(fs, replica.addr, "connect_failed");
+                    replays += 1;
+                } else if cold && e.is_refused() && Instant::now() < deadline {
+                    // A replica of a wake that does not listen yet: without a readiness
+                    // probe the kubelet calls a pod ready as soon as its container runs,
+                    // before the app listens. Nothing was sent; try it again shortly,
+                    // within the activation timeout, rather than answer 502.
+                    refused += 1;
+                    let pause = REFUSED_PAUSE_FIRST
+                        .saturating_mul(1 << refused.min(4))
+                        .min(REFUSED_PAUSE_MAX);
+                    client
+                        .bound(client_version, deadline, tokio::time::sleep(pause))
+                        .await
+                        .map_err(|_| ProxyError::ActivationTimeout {
+                            key: fs.key.clone(),
+                            timeout: conf.activation,
+                        })?;
+                } else {
+                    tried.push(replica.addr);
+                }
                 continue;
             }
         };
@@ -226,23 +259,67 @@ async fn forward(
                     timeout: conf.request,
                 });
             }
-            Ok(Ok(resp)) => break (resp, upstream),
+            Ok(Ok(resp)) => match replay {
+                Some(again) if resp.status().is_server_error() => {
+                    debug!(function = %fs.key, replica = %replica.addr, status = %resp.status(),
+                        "a replica routed early answered 5xx; replaying the request");
+                    drop(resp);
+                    guard.release(Instant::now());
+                    act.demote_early(fs, replica.addr, "server_error");
+                    act.metrics
+                        .early_requests
+                        .with_label_values(&["replayed"])
+                        .inc();
+                    replays += 1;
+                    up = again;
+                }
+                Some(_) => {
+                    act.metrics
+                        .early_requests
+                        .with_label_values(&["answered"])
+                        .inc();
+                    break (resp, upstream);
+                }
+                None => break (resp, upstream),
+            },
             Ok(Err(mut e)) => {
                 if is_body_too_large(e.error()) {
                     return Err(ProxyError::BodyTooLarge { limit });
                 }
                 guard.release(Instant::now());
-                let Some(unsent) = e.take_message() else {
-                    return Err(ProxyError::Upstream {
-                        key: fs.key.clone(),
-                        source: e.into_error(),
-                    });
+                let unsent = match (e.take_message(), replay) {
+                    (Some(unsent), _) => unsent,
+                    // Sent, and the replica failed before answering: a replica routed
+                    // early gets no benefit of the doubt, the request goes again.
+                    (None, Some(again)) => {
+                        debug!(function = %fs.key, replica = %replica.addr, error = %e.error(),
+                            "a replica routed early failed; replaying the request");
+                        act.demote_early(fs, replica.addr, "reset");
+                        act.metrics
+                            .early_requests
+                            .with_label_values(&["replayed"])
+                            .inc();
+                        replays += 1;
+                        up = again;
+                        continue;
+                    }
+                    (None, None) => {
+                        return Err(ProxyError::Upstream {
+                            key: fs.key.clone(),
+                            source: e.into_error(),
+                        });
+                    }
                 };
                 up = unsent;
                 if pooled && stale < MAX_STALE_RETRIES {
                     // A kept-alive connection the replica had closed: try a fresh one.
                     debug!(function = %fs.key, error = %e.error(), "stale pooled connection");
                     stale += 1;
+                } else if early {
+                    debug!(function = %fs.key, replica = %replica.addr, error = %e.error(),
+                        "a replica routed early failed before the request was sent");
+                    act.demote_early(fs, replica.addr, "reset");
+                    replays += 1;
                 } else {
                     debug!(function = %fs.key, replica = %replica.addr, error = %e.error(),
                         "replica failed before the request was sent, trying another");
@@ -303,6 +380,33 @@ async fn forward(
 
 /// Retries of a request on fresh connections after pooled ones turned out closed.
 const MAX_STALE_RETRIES: u32 = 3;
+/// First pause before connecting again to a woken replica that refused (it does not
+/// listen yet); it doubles up to [`REFUSED_PAUSE_MAX`].
+const REFUSED_PAUSE_FIRST: Duration = Duration::from_millis(2);
+/// Longest pause between connects to a woken replica that refuses.
+const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(25);
+
+/// Whether a request may be sent again after a replica failed it or answered 5xx: an
+/// idempotent method (RFC 9110 9.2.2) and no body to send, so a copy of its head is the
+/// whole request.
+fn replayable(req: &Request<UpstreamBody>) -> bool {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    idempotent && req.body().is_end_stream()
+}
+
+/// A copy of a request whose body is empty (see [`replayable`]).
+fn copy_request(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(UpstreamBody(None));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
 
 /// What one pass over a message's header names finds: most messages carry no hop-by-hop
 /// or `X-Zeroscale-*` header, and then no removal (a hash lookup each) is needed.

@@ -26,6 +26,8 @@ use crate::platform::Endpoint;
 #[derive(Debug, Clone)]
 pub(crate) struct Conf {
     pub(crate) initial: u32,
+    /// The container port replicas serve on.
+    pub(crate) port: u16,
     pub(crate) container_concurrency: Option<u32>,
     pub(crate) activation: Duration,
     pub(crate) request: Duration,
@@ -42,6 +44,7 @@ impl Conf {
         match FunctionConfig::resolve(&f.spec, defaults) {
             Ok(c) => Self {
                 initial: c.scale.initial,
+                port: c.port,
                 container_concurrency: c.scale.container_concurrency,
                 activation: c.timeouts.activation,
                 request: c.timeouts.request,
@@ -51,6 +54,7 @@ impl Conf {
             },
             Err(e) => Self {
                 initial: 1,
+                port: 0,
                 container_concurrency: None,
                 activation: Duration::from_secs(1),
                 request: Duration::from_secs(1),
@@ -143,7 +147,7 @@ impl FunctionState {
     }
 
     /// Wakes every request waiting on this Function to look again.
-    fn changed(&self) {
+    pub(crate) fn changed(&self) {
         if let Some(t) = self.traffic_if_any() {
             t.changed.notify_waiters();
         }
@@ -164,11 +168,35 @@ impl DrainStatus {
     }
 }
 
-/// What the table keeps per Function besides its shared state: what host claims need.
+/// Replicas (name and address) the platform listed ready that a Function remembers (oldest
+/// forgotten first): enough for every replica of any Function in one wake cycle. The IP
+/// address is part of it because a StatefulSet's new pod takes its predecessor's name.
+const LISTED_READY_MEMORY: usize = 64;
+
+/// What the table keeps per Function besides its shared state: what host claims need,
+/// and which replicas the platform has listed ready (see `early`).
 struct Entry {
     state: Arc<FunctionState>,
     created: Option<jiff::Timestamp>,
     hosts: Vec<String>,
+    listed_ready: Vec<(Box<str>, SocketAddr)>,
+}
+
+impl Entry {
+    fn remember_listed(&mut self, endpoints: &[Endpoint]) {
+        for ep in endpoints {
+            if !self
+                .listed_ready
+                .iter()
+                .any(|(n, a)| **n == *ep.name && *a == ep.addr)
+            {
+                if self.listed_ready.len() >= LISTED_READY_MEMORY {
+                    self.listed_ready.remove(0);
+                }
+                self.listed_ready.push((ep.name.as_str().into(), ep.addr));
+            }
+        }
+    }
 }
 
 /// Host -> Function, and Function -> replicas.
@@ -278,19 +306,19 @@ impl Table {
             }
             None => {
                 let state = FunctionState::new(key.clone(), conf);
+                let mut entry = Entry {
+                    state,
+                    created,
+                    hosts,
+                    listed_ready: Vec::new(),
+                };
                 if let Some(eps) = self.pending_endpoints.remove(&key) {
                     let replicas = self.replicas_for(&eps);
-                    state.set_replicas(replicas);
+                    entry.state.set_replicas(replicas);
+                    entry.remember_listed(&eps);
                 }
-                let rebuild = !hosts.is_empty();
-                self.functions.insert(
-                    name,
-                    Entry {
-                        state,
-                        created,
-                        hosts,
-                    },
-                );
+                let rebuild = !entry.hosts.is_empty();
+                self.functions.insert(name, entry);
                 rebuild
             }
         }
@@ -308,6 +336,9 @@ impl Table {
     fn delete_entry(&mut self, key: &FunctionKey) -> Option<(Arc<FunctionState>, bool)> {
         let e = self.functions.remove(&short_host(key))?;
         e.state.deleted.store(true, Ordering::Release);
+        if let Some(t) = e.state.traffic_if_any() {
+            t.early.clear();
+        }
         e.state.changed();
         for r in e.state.replicas().iter() {
             r.set_routed(false);
@@ -363,10 +394,16 @@ impl Table {
 
     fn set_endpoints_entry(&mut self, key: &FunctionKey, endpoints: &[Endpoint]) {
         let replicas = self.replicas_for(endpoints);
-        match self.functions.get(&short_host(key)) {
+        match self.functions.get_mut(&short_host(key)) {
             Some(e) => {
                 debug!(function = %key, ready = replicas.len(), "endpoints changed");
+                let listed = !replicas.is_empty();
                 e.state.set_replicas(replicas);
+                e.remember_listed(endpoints);
+                // The platform caught up: from now on only its view routes.
+                if listed && let Some(t) = e.state.traffic_if_any() {
+                    t.early.clear();
+                }
             }
             None if endpoints.is_empty() => {
                 self.pending_endpoints.remove(key);
@@ -399,6 +436,54 @@ impl Table {
         self.replicas_by_addr.retain(|_, w| w.strong_count() > 0);
     }
 
+    /// Routes the replica at `addr` early for `fs`, unless the platform lists a ready
+    /// replica already (then only its view counts) or that address was demoted.
+    pub(crate) fn add_early(&mut self, fs: &FunctionState, addr: SocketAddr) -> bool {
+        if fs.is_deleted() || fs.has_replicas() {
+            return false;
+        }
+        let Some(t) = fs.traffic_if_any() else {
+            return false;
+        };
+        let replica = self.replica_at(addr);
+        let added = t.early.add(replica);
+        if added {
+            fs.changed();
+        }
+        added
+    }
+
+    /// Drops every early route of `fs`.
+    pub(crate) fn clear_early(&mut self, fs: &FunctionState) {
+        if let Some(t) = fs.traffic_if_any() {
+            t.early.clear();
+        }
+        self.replicas_by_addr.retain(|_, w| w.strong_count() > 0);
+    }
+
+    /// Whether the platform has listed replica `name` at `addr` of Function `key` ready
+    /// (as far as this activator remembers).
+    pub(crate) fn was_listed_ready(&self, key: &FunctionKey, name: &str, addr: SocketAddr) -> bool {
+        self.functions.get(&short_host(key)).is_some_and(|e| {
+            e.listed_ready
+                .iter()
+                .any(|(n, a)| **n == *name && *a == addr)
+        })
+    }
+
+    /// The live replica at `addr`, or a new one: one `Replica` per address, whichever
+    /// routes to it, so its in-flight count is one count.
+    fn replica_at(&mut self, addr: SocketAddr) -> Arc<Replica> {
+        match self.replicas_by_addr.get(&addr).and_then(Weak::upgrade) {
+            Some(r) => r,
+            None => {
+                let r = Replica::new(addr, self.threads);
+                self.replicas_by_addr.insert(addr, Arc::downgrade(&r));
+                r
+            }
+        }
+    }
+
     /// Replicas for endpoints, reusing the live one of an address so its in-flight count
     /// carries over.
     fn replicas_for(&mut self, endpoints: &[Endpoint]) -> Vec<Arc<Replica>> {
@@ -407,15 +492,7 @@ impl Table {
             if out.iter().any(|r| r.addr == ep.addr) {
                 continue;
             }
-            let replica = match self.replicas_by_addr.get(&ep.addr).and_then(Weak::upgrade) {
-                Some(r) => r,
-                None => {
-                    let r = Replica::new(ep.addr, self.threads);
-                    self.replicas_by_addr.insert(ep.addr, Arc::downgrade(&r));
-                    r
-                }
-            };
-            out.push(replica);
+            out.push(self.replica_at(ep.addr));
         }
         out
     }

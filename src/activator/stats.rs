@@ -25,6 +25,11 @@ pub(crate) struct Metrics {
     cold_starts: IntCounterVec,
     queue_depth: IntGaugeVec,
     wake_to_ready: HistogramVec,
+    /// Replicas routed early, and early routes dropped, by outcome (no Function label:
+    /// a handful of series in all).
+    pub(crate) early_routes: IntCounterVec,
+    /// Requests sent to a replica routed early, by outcome.
+    pub(crate) early_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -71,6 +76,24 @@ impl Metrics {
             ]),
             LABELS,
         )?;
+        let early_routes = IntCounterVec::new(
+            Opts::new(
+                "zeroscale_activator_early_routes_total",
+                "Replicas routed early (probed ready by the activator before the platform \
+                 listed them: outcome=routed) and early routes dropped (outcome=why).",
+            ),
+            &["outcome"],
+        )?;
+        let early_requests = IntCounterVec::new(
+            Opts::new(
+                "zeroscale_activator_early_requests_total",
+                "Requests sent to a replica routed early: answered, or replayed after a \
+                 failure or a 5xx answer.",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(early_routes.clone()))?;
+        registry.register(Box::new(early_requests.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(cold_starts.clone()))?;
@@ -82,6 +105,8 @@ impl Metrics {
             cold_starts,
             queue_depth,
             wake_to_ready,
+            early_routes,
+            early_requests,
         })
     }
 

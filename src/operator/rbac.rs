@@ -212,8 +212,9 @@ pub const ACTIVATOR_RULES: &[Rule] = &[
         Scope::Watched,
     ),
     // A drain: which of a Function's pods are stopping (a fresh list, see
-    // `activator::drain`).
-    rule("", &["pods"], &[Call::List], Scope::Watched),
+    // `activator::drain`). A waking Function: its new pods, watched until the slice lists
+    // one ready, to probe them directly (see `activator::early`).
+    rule("", &["pods"], &[Call::List, Call::Watch], Scope::Watched),
     // The peer activators a drain asks (the activator Service's slices).
     rule(
         "discovery.k8s.io",

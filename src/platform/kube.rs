@@ -11,18 +11,26 @@
 //! `scaleTargetRef` names, but only while its status says it holds that target (a
 //! `selector` for the current generation, see `operator::target`). Until then (or when
 //! another Function has the target) its scale is "not found" and nothing is changed.
+//!
+//! The candidates of a waking Function come from a watch of its pods (label
+//! `zeroscale.dev/function=<name>`, or the selector of the target it holds, in its
+//! namespace: the pods its private Service's slices list), opened only while it wakes:
+//! ten thousand Functions at zero cost no pod watch at all, and no Pod object is kept,
+//! only the few fields a [`Candidate`] needs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::{Scale as KubeScale, ScaleSpec};
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Container, ObjectReference, Pod, PodSpec, Probe};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -31,8 +39,8 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, warn};
 
 use super::{
-    AutoscalerStatus, Endpoint, EndpointsEvent, FunctionEvent, Platform, PlatformError, Scale,
-    WakeOutcome,
+    AutoscalerStatus, Candidate, Endpoint, EndpointsEvent, FunctionEvent, Platform, PlatformError,
+    ReadinessCheck, Scale, WakeOutcome,
 };
 use crate::api::{FUNCTION_LABEL, Function, FunctionKey, TargetKind};
 
@@ -538,6 +546,228 @@ impl EndpointsState {
     }
 }
 
+/// Time the platform gets, beyond its probes' own delays and periods, to list a replica
+/// ready once they pass: the kubelet's status write, the EndpointSlice controller and the
+/// watch that brings the slice.
+const PROPAGATION_MARGIN: Duration = Duration::from_secs(30);
+
+/// What the kubelet's readiness of a pod needs, as checks from outside: every startup and
+/// readiness probe of its containers (`httpGet` over HTTP, `tcpSocket`), and a TCP connect
+/// to the serving port when the serving container has no readiness probe (the kubelet
+/// would call it ready as soon as it runs; a connect is stricter). `None` when some part
+/// of it cannot be checked from outside: `exec` and `grpc` probes, HTTPS, a probe of
+/// another host, readiness gates, sidecar init containers, or another container that is
+/// not running yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PodChecks {
+    checks: Option<Vec<ReadinessCheck>>,
+    timeout: Duration,
+    success_threshold: u32,
+    agree_within: Duration,
+}
+
+fn probe_secs(v: Option<i32>, default: u64) -> Duration {
+    Duration::from_secs(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(default))
+}
+
+/// A port of a probe: a number, or the name of one of the container's ports.
+fn probe_port(port: &IntOrString, container: &Container) -> Option<u16> {
+    match port {
+        IntOrString::Int(n) => u16::try_from(*n).ok().filter(|p| *p > 0),
+        IntOrString::String(s) => s.parse::<u16>().ok().or_else(|| {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(s.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        }),
+    }
+}
+
+/// One probe as a check from outside; `None` when it cannot be one.
+fn probe_check(probe: &Probe, container: &Container) -> Option<ReadinessCheck> {
+    if let Some(http) = &probe.http_get {
+        let other_host = http.host.as_deref().is_some_and(|h| !h.is_empty());
+        if other_host || http.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+            return None;
+        }
+        let mut path = http.path.clone().unwrap_or_default();
+        if !path.starts_with('/') {
+            path.insert(0, '/');
+        }
+        return Some(ReadinessCheck::Http {
+            port: probe_port(&http.port, container)?,
+            path,
+            headers: http
+                .http_headers
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
+        });
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        if tcp.host.as_deref().is_some_and(|h| !h.is_empty()) {
+            return None;
+        }
+        return Some(ReadinessCheck::Tcp {
+            port: probe_port(&tcp.port, container)?,
+        });
+    }
+    // exec and grpc (and a probe without a handler, which the API server refuses).
+    None
+}
+
+fn pod_checks(pod: &Pod, port: u16) -> PodChecks {
+    let mut out = PodChecks {
+        checks: None,
+        timeout: Duration::from_secs(1),
+        success_threshold: 1,
+        agree_within: PROPAGATION_MARGIN,
+    };
+    let Some(spec) = pod.spec.as_ref() else {
+        return out;
+    };
+    let sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .any(|c| c.restart_policy.as_deref() == Some("Always"));
+    if sidecars || spec.readiness_gates.as_ref().is_some_and(|g| !g.is_empty()) {
+        return out;
+    }
+    out.checks = containers_checks(spec, pod, port, &mut out);
+    out
+}
+
+fn containers_checks(
+    spec: &PodSpec,
+    pod: &Pod,
+    port: u16,
+    out: &mut PodChecks,
+) -> Option<Vec<ReadinessCheck>> {
+    let serving = spec
+        .containers
+        .iter()
+        .position(|c| {
+            c.ports
+                .iter()
+                .flatten()
+                .any(|p| p.container_port == i32::from(port))
+        })
+        .unwrap_or(0);
+    let running = |name: &str| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|s| s.name == name && s.state.as_ref().is_some_and(|st| st.running.is_some()))
+    };
+    let mut checks = Vec::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        for probe in [c.startup_probe.as_ref(), c.readiness_probe.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            checks.push(probe_check(probe, c)?);
+            let threshold = probe
+                .success_threshold
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(1);
+            out.success_threshold = out.success_threshold.max(threshold);
+            out.timeout = out
+                .timeout
+                .max(probe_secs(probe.timeout_seconds, 1).max(Duration::from_secs(1)));
+            out.agree_within += probe_secs(probe.initial_delay_seconds, 0)
+                + probe_secs(probe.period_seconds, 10).max(Duration::from_secs(1)) * threshold;
+        }
+        if c.readiness_probe.is_none() {
+            if i == serving {
+                checks.push(ReadinessCheck::Tcp { port });
+            } else if !running(&c.name) {
+                // Ready to the kubelet once it runs; nothing to check from outside.
+                return None;
+            }
+        }
+    }
+    Some(checks)
+}
+
+/// A pod as a [`Candidate`] of its Function serving on `port`; `None` until it has an IP.
+pub fn pod_candidate(pod: &Pod, port: u16) -> Option<Candidate> {
+    let status = pod.status.as_ref()?;
+    let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    let checks = pod_checks(pod, port);
+    Some(Candidate {
+        name: pod.metadata.name.clone()?,
+        addr: SocketAddr::new(ip, port),
+        checks: checks.checks,
+        timeout: checks.timeout,
+        success_threshold: checks.success_threshold,
+        agree_within: checks.agree_within,
+        terminating: pod.metadata.deletion_timestamp.is_some() || finished,
+    })
+}
+
+/// The candidates of one Function from the raw watcher events of its pods: a (re-)list
+/// replaces the set; only a change of the set is passed on.
+struct CandidateSet {
+    port: u16,
+    pods: BTreeMap<String, Candidate>,
+    relist: Option<BTreeMap<String, Candidate>>,
+    sent: Option<Vec<Candidate>>,
+}
+
+impl CandidateSet {
+    fn new(port: u16) -> Self {
+        Self {
+            port,
+            pods: BTreeMap::new(),
+            relist: None,
+            sent: None,
+        }
+    }
+
+    fn handle(&mut self, event: watcher::Event<Pod>) -> Option<Vec<Candidate>> {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                return None;
+            }
+            watcher::Event::InitApply(p) => {
+                if let Some(c) = pod_candidate(&p, self.port) {
+                    self.relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(p.name_any(), c);
+                }
+                return None;
+            }
+            watcher::Event::InitDone => self.pods = self.relist.take().unwrap_or_default(),
+            watcher::Event::Apply(p) => match pod_candidate(&p, self.port) {
+                Some(c) => {
+                    self.pods.insert(p.name_any(), c);
+                }
+                None => {
+                    self.pods.remove(&p.name_any());
+                }
+            },
+            watcher::Event::Delete(p) => {
+                self.pods.remove(&p.name_any());
+            }
+        }
+        let now: Vec<Candidate> = self.pods.values().cloned().collect();
+        if self.sent.as_ref() == Some(&now) {
+            return None;
+        }
+        self.sent = Some(now.clone());
+        Some(now)
+    }
+}
+
 #[async_trait]
 impl Platform for KubePlatform {
     fn functions(&self) -> BoxStream<'static, FunctionEvent> {
@@ -577,6 +807,38 @@ impl Platform for KubePlatform {
                 std::future::ready(out)
             })
             .boxed()
+    }
+
+    fn candidates(
+        &self,
+        key: &FunctionKey,
+        port: u16,
+    ) -> Option<BoxStream<'static, Vec<Candidate>>> {
+        // The same pods as its private Service's slices and `stopping_replicas`.
+        let selector = match self.workload(key) {
+            Workload::Own => format!("{FUNCTION_LABEL}={}", key.name),
+            Workload::Target { selector, .. } => selector,
+            Workload::Unheld => return None,
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
+        let config = watcher::Config::default().labels(&selector);
+        let mut state = CandidateSet::new(port);
+        let function = key.clone();
+        Some(
+            watcher(api, config)
+                .default_backoff()
+                .filter_map(move |event| {
+                    let out = match event {
+                        Ok(e) => state.handle(e),
+                        Err(e) => {
+                            warn!(%function, error = %e, "watching a waking Function's pods (retrying)");
+                            None
+                        }
+                    };
+                    std::future::ready(out)
+                })
+                .boxed(),
+        )
     }
 
     async fn wake(&self, key: &FunctionKey, replicas: u32) -> Result<WakeOutcome, PlatformError> {
@@ -868,6 +1130,151 @@ mod tests {
             Some(EndpointsEvent::Reset(all)) => assert!(all.is_empty()),
             other => panic!("expected a reset, got {other:?}"),
         }
+    }
+
+    fn pod(name: &str, ip: Option<&str>, spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {FUNCTION_LABEL: "hello"}},
+            "spec": spec,
+            "status": {"podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    fn app(extra: serde_json::Value) -> serde_json::Value {
+        let mut c = serde_json::json!({"name": "app", "image": "python",
+            "ports": [{"name": "http", "containerPort": 8080}]});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        serde_json::json!({"containers": [c]})
+    }
+
+    #[test]
+    fn a_pod_becomes_a_candidate_once_it_has_an_ip() {
+        assert!(pod_candidate(&pod("p", None, app(serde_json::json!({}))), 8080).is_none());
+        let c = pod_candidate(
+            &pod("p", Some("10.1.0.7"), app(serde_json::json!({}))),
+            8080,
+        )
+        .unwrap();
+        assert_eq!(c.name, "p");
+        assert_eq!(c.addr.to_string(), "10.1.0.7:8080");
+        // No readiness probe: a TCP connect to the port (stricter than the kubelet).
+        assert_eq!(c.checks, Some(vec![ReadinessCheck::Tcp { port: 8080 }]));
+        assert_eq!(c.agree_within, PROPAGATION_MARGIN);
+        assert!(!c.terminating);
+    }
+
+    #[test]
+    fn the_kubelets_http_and_tcp_probes_become_the_checks() {
+        let spec = app(serde_json::json!({
+            "startupProbe": {"tcpSocket": {"port": 9000}},
+            "readinessProbe": {"httpGet": {"port": "http", "path": "healthz",
+                "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                "periodSeconds": 2, "successThreshold": 2, "timeoutSeconds": 3},
+        }));
+        let c = pod_candidate(&pod("p", Some("10.1.0.7"), spec), 8080).unwrap();
+        assert_eq!(
+            c.checks,
+            Some(vec![
+                ReadinessCheck::Tcp { port: 9000 },
+                ReadinessCheck::Http {
+                    port: 8080,
+                    path: "/healthz".into(),
+                    headers: vec![("X-Probe".into(), "1".into())],
+                },
+            ])
+        );
+        assert_eq!(c.success_threshold, 2);
+        assert_eq!(c.timeout, Duration::from_secs(3));
+        // startup: 10 s period x 1; readiness: 2 s x 2; plus the propagation margin.
+        assert_eq!(c.agree_within, PROPAGATION_MARGIN + Duration::from_secs(14));
+    }
+
+    #[test]
+    fn what_cannot_be_checked_from_outside_waits_for_the_slice() {
+        let unchecked = [
+            app(serde_json::json!({"readinessProbe": {"exec": {"command": ["true"]}}})),
+            app(serde_json::json!({"readinessProbe": {"grpc": {"port": 9000}}})),
+            app(
+                serde_json::json!({"readinessProbe": {"httpGet": {"port": 8080, "scheme": "HTTPS"}}}),
+            ),
+            app(
+                serde_json::json!({"readinessProbe": {"httpGet": {"port": 8080, "host": "example.com"}}}),
+            ),
+            app(serde_json::json!({"readinessProbe": {"httpGet": {"port": "nope"}}})),
+            app(serde_json::json!({"startupProbe": {"exec": {"command": ["true"]}}})),
+            {
+                let mut s = app(serde_json::json!({}));
+                s["readinessGates"] = serde_json::json!([{"conditionType": "example.com/lb"}]);
+                s
+            },
+            {
+                let mut s = app(serde_json::json!({}));
+                s["initContainers"] =
+                    serde_json::json!([{"name": "proxy", "image": "p", "restartPolicy": "Always"}]);
+                s
+            },
+        ];
+        for spec in unchecked {
+            let c = pod_candidate(&pod("p", Some("10.1.0.7"), spec.clone()), 8080).unwrap();
+            assert_eq!(c.checks, None, "{spec}");
+        }
+    }
+
+    #[test]
+    fn a_sidecar_without_a_probe_must_be_running() {
+        let mut spec = app(serde_json::json!({}));
+        spec["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "logs", "image": "l"}));
+        let mut p = pod("p", Some("10.1.0.7"), spec);
+        assert_eq!(pod_candidate(&p, 8080).unwrap().checks, None);
+        p.status.as_mut().unwrap().container_statuses = Some(vec![
+            serde_json::from_value(serde_json::json!({"name": "logs", "image": "l",
+                "imageID": "", "ready": true, "restartCount": 0,
+                "state": {"running": {}}}))
+            .unwrap(),
+        ]);
+        assert_eq!(
+            pod_candidate(&p, 8080).unwrap().checks,
+            Some(vec![ReadinessCheck::Tcp { port: 8080 }])
+        );
+    }
+
+    #[test]
+    fn a_deleted_or_finished_pod_is_terminating() {
+        let mut p = pod("p", Some("10.1.0.7"), app(serde_json::json!({})));
+        p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        assert!(pod_candidate(&p, 8080).unwrap().terminating);
+        let mut p = pod("p", Some("10.1.0.7"), app(serde_json::json!({})));
+        p.status.as_mut().unwrap().phase = Some("Failed".into());
+        assert!(pod_candidate(&p, 8080).unwrap().terminating);
+    }
+
+    #[test]
+    fn candidates_change_as_pods_do_and_a_relist_is_the_truth() {
+        let mut set = CandidateSet::new(8080);
+        let spec = app(serde_json::json!({}));
+        assert!(set.handle(watcher::Event::Init).is_none());
+        assert!(
+            set.handle(watcher::Event::InitApply(pod("a", None, spec.clone())))
+                .is_none()
+        );
+        assert_eq!(set.handle(watcher::Event::InitDone), Some(vec![]));
+        // The IP arrives: a candidate; the same again: nothing new.
+        let with_ip = pod("a", Some("10.1.0.7"), spec.clone());
+        let got = set.handle(watcher::Event::Apply(with_ip.clone())).unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(set.handle(watcher::Event::Apply(with_ip.clone())).is_none());
+        // A re-list without it: gone.
+        set.handle(watcher::Event::Init);
+        assert_eq!(set.handle(watcher::Event::InitDone), Some(vec![]));
+        set.handle(watcher::Event::Apply(with_ip.clone()));
+        assert_eq!(set.handle(watcher::Event::Delete(with_ip)), Some(vec![]));
     }
 
     #[test]

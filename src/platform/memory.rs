@@ -1,5 +1,6 @@
-//! A programmable in-memory [`Platform`] for tests: push Function and endpoint events by
-//! hand, count wakes and scale changes, make wakes fail. Subscribers get a `Reset` of the
+//! A programmable in-memory [`Platform`] for tests: push Function, endpoint and
+//! candidate events by hand, count wakes, scale changes and open candidate watches, make
+//! wakes fail. Subscribers get a `Reset` of the
 //! current state first and every later change in order, like a real watch.
 
 use std::collections::BTreeMap;
@@ -11,8 +12,8 @@ use futures::stream::BoxStream;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    AutoscalerStatus, Endpoint, EndpointsEvent, FunctionEvent, Platform, PlatformError, Scale,
-    WakeOutcome,
+    AutoscalerStatus, Candidate, Endpoint, EndpointsEvent, FunctionEvent, Platform, PlatformError,
+    Scale, WakeOutcome,
 };
 use crate::api::{Function, FunctionKey};
 
@@ -37,6 +38,9 @@ struct State {
     stopping: BTreeMap<FunctionKey, Vec<std::net::IpAddr>>,
     function_subscribers: Vec<mpsc::UnboundedSender<FunctionEvent>>,
     endpoint_subscribers: Vec<mpsc::UnboundedSender<EndpointsEvent>>,
+    candidates: BTreeMap<FunctionKey, Vec<Candidate>>,
+    candidate_subscribers: Vec<(FunctionKey, mpsc::UnboundedSender<Vec<Candidate>>)>,
+    candidate_watches_opened: BTreeMap<FunctionKey, usize>,
 }
 
 /// An in-memory platform. Cheap to clone through its `Arc`; every method is synchronous
@@ -107,6 +111,34 @@ impl MemoryPlatform {
             tx.send(EndpointsEvent::Updated(key.clone(), endpoints.clone()))
                 .is_ok()
         });
+    }
+
+    /// Sets the candidates of a Function (its started, maybe not yet ready replicas), as
+    /// a pod watch would report them.
+    pub fn set_candidates(&self, key: &FunctionKey, candidates: Vec<Candidate>) {
+        let mut s = self.state();
+        s.candidates.insert(key.clone(), candidates.clone());
+        s.candidate_subscribers
+            .retain(|(k, tx)| k != key || tx.send(candidates.clone()).is_ok());
+    }
+
+    /// Candidate streams of a Function open now (not yet dropped by the activator).
+    pub fn candidate_watches(&self, key: &FunctionKey) -> usize {
+        let mut s = self.state();
+        s.candidate_subscribers.retain(|(_, tx)| !tx.is_closed());
+        s.candidate_subscribers
+            .iter()
+            .filter(|(k, _)| k == key)
+            .count()
+    }
+
+    /// Candidate streams of a Function opened so far.
+    pub fn candidate_watches_opened(&self, key: &FunctionKey) -> usize {
+        self.state()
+            .candidate_watches_opened
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The ready endpoints of a Function now.
@@ -181,6 +213,20 @@ impl Platform for MemoryPlatform {
         let _ = tx.send(EndpointsEvent::Reset(all));
         s.endpoint_subscribers.push(tx);
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    }
+
+    fn candidates(
+        &self,
+        key: &FunctionKey,
+        _port: u16,
+    ) -> Option<BoxStream<'static, Vec<Candidate>>> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut s = self.state();
+        let now = s.candidates.get(key).cloned().unwrap_or_default();
+        let _ = tx.send(now);
+        s.candidate_subscribers.push((key.clone(), tx));
+        *s.candidate_watches_opened.entry(key.clone()).or_default() += 1;
+        Some(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
     }
 
     async fn wake(&self, key: &FunctionKey, replicas: u32) -> Result<WakeOutcome, PlatformError> {

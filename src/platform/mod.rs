@@ -5,14 +5,22 @@
 //! set its replica count. [`kube::KubePlatform`] provides them on a cluster (watches,
 //! the Deployment scale subresource); [`local::LocalPlatform`] provides them in
 //! `zeroscale dev` (processes on this machine). Neither caller knows which it runs on.
+//!
+//! A fifth, optional: the [`Candidate`]s of a waking Function, replicas that have an
+//! address but that the platform does not call ready yet, with the check that tells
+//! when they are. The activator probes them itself to serve a cold start before the
+//! ready endpoints catch up (see `activator::early`). A platform whose ready endpoints
+//! are already as fast as a probe (`dev`) offers none.
 
 pub mod directory;
 pub mod kube;
 pub mod local;
 pub mod memory;
+pub mod probe;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -46,6 +54,44 @@ pub enum EndpointsEvent {
     Updated(FunctionKey, Vec<Endpoint>),
     /// Every Function's ready endpoints after a (re-)list; Functions absent have none.
     Reset(Vec<(FunctionKey, Vec<Endpoint>)>),
+}
+
+/// A check the activator can run from outside a replica that passes exactly when the
+/// platform's own readiness check would (the kubelet's `httpGet` and `tcpSocket` probes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadinessCheck {
+    /// A TCP connect to this port of the replica's address.
+    Tcp { port: u16 },
+    /// An HTTP/1.1 GET of `path` on this port: a 2xx or 3xx answer passes.
+    Http {
+        port: u16,
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+}
+
+/// A replica of a waking Function that the platform has started (it has an address) but
+/// may not call ready yet: on Kubernetes, a pod of the Function with a `status.podIP`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its name, the same as its [`Endpoint::name`] once the platform lists it ready.
+    pub name: String,
+    /// Where it serves the Function (pod IP and the Function's port).
+    pub addr: SocketAddr,
+    /// What must pass, all of it, before it may take requests. `None`: its readiness
+    /// cannot be checked from outside (an `exec` or `grpc` probe, readiness gates, a
+    /// sidecar not running yet), so it waits for the platform's ready endpoints.
+    pub checks: Option<Vec<ReadinessCheck>>,
+    /// Longest one check may take (the probe's `timeoutSeconds`).
+    pub timeout: Duration,
+    /// Consecutive passes of every check it needs (the probe's `successThreshold`).
+    pub success_threshold: u32,
+    /// How long the platform may take to list it ready once the checks pass (its probes'
+    /// delays and periods, plus propagation). Used early for longer, the activator takes
+    /// it as a disagreement and leaves the replica to the platform's verdict.
+    pub agree_within: Duration,
+    /// It is being deleted or has finished: never to be used.
+    pub terminating: bool,
 }
 
 /// The replica counts of a Function as the platform sees them.
@@ -90,6 +136,19 @@ pub trait Platform: Send + Sync + 'static {
 
     /// The ready endpoints of every Function, starting with an [`EndpointsEvent::Reset`].
     fn endpoints(&self) -> BoxStream<'static, EndpointsEvent>;
+
+    /// The [`Candidate`]s of Function `key` (serving on `port`), each item the complete
+    /// current set, from the moment they have an address. Asked for only while a Function
+    /// wakes and dropped once its ready endpoints catch up, so a platform may watch only
+    /// then. `None`: this platform has none to offer.
+    fn candidates(
+        &self,
+        key: &FunctionKey,
+        port: u16,
+    ) -> Option<BoxStream<'static, Vec<Candidate>>> {
+        let _ = (key, port);
+        None
+    }
 
     /// Wakes a Function at zero: sets its replicas to `replicas` only if they are 0 now,
     /// with optimistic concurrency, so concurrent wakes from several activators and the

@@ -166,9 +166,10 @@ release namespace.
 - apiGroups: ["apps"]
   resources: ["deployments/scale", "statefulsets/scale"]
   verbs: ["get", "update"]
+{{- /* list: a drain's stopping pods; watch: a waking Function's new pods, probed directly. */}}
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{- define "zeroscale.activator.localRules" -}}

@@ -4,9 +4,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
@@ -50,29 +47,7 @@ async fn http_get(
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("GET {path}: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let mut request = http::Request::get(path)
-        .header(http::header::HOST, addr.to_string())
-        .header(http::header::USER_AGENT, "zeroscale-dev-probe")
-        .header(http::header::CONNECTION, "close");
-    for (name, value) in headers {
-        request = request.header(name.as_str(), value.as_str());
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("GET {path}: {e}"))?;
-    let result = sender.send_request(request).await;
-    conn.abort();
-    let response = result.map_err(|e| format!("GET {path}: {e}"))?;
-    let status = response.status();
-    if (200..400).contains(&status.as_u16()) {
-        Ok(())
-    } else {
-        Err(format!("GET {path}: {status}"))
-    }
+    crate::platform::probe::http_get(stream, addr, path, headers, "zeroscale-dev-probe").await
 }
 
 async fn exec(words: &[String], launch: &Launch) -> Result<(), String> {
@@ -103,6 +78,9 @@ async fn exec(words: &[String], launch: &Launch) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
     use std::time::Duration;
 
     fn probe(check: Check) -> ProbeSpec {
