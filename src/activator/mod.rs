@@ -149,14 +149,15 @@ pub async fn run(config: Config) -> crate::Result<()> {
             .unwrap_or_else(Settings::threads_per_cpu),
         ..Settings::default()
     };
-    let client = kube::Client::try_default().await?;
+    let registry = prometheus::Registry::new();
+    telemetry::ProcessMemory::register(&registry).map_err(Error::from)?;
+    let client = crate::platform::client::client(&registry, "activator").await?;
     let namespace = (!config.namespace.is_empty()).then(|| config.namespace.clone());
     let lame_duck = (client.clone(), namespace.clone());
     let platform = Arc::new(crate::platform::kube::KubePlatform::new(
         client.clone(),
         namespace,
     ));
-    let registry = prometheus::Registry::new();
     let activator = Activator::new(platform, settings, &registry)?;
     if !config.activator_service.is_empty() {
         let (ns, name) = crate::operator::parse_service(&config.activator_service)

@@ -177,9 +177,9 @@ pub async fn run(config: Config) -> crate::Result<()> {
     let (activator_ns, activator_svc) = parse_service(&config.activator_service)?;
     let namespace = Some(config.namespace.clone()).filter(|n| !n.is_empty());
     let identity = identity(&config);
-    let client = kube::Client::try_default().await?;
-
     let registry = prometheus::Registry::new();
+    telemetry::ProcessMemory::register(&registry).map_err(Error::from)?;
+    let client = crate::platform::client::client(&registry, "operator").await?;
     let metrics = metrics::Metrics::new(&registry).map_err(Error::from)?;
     let shutdown = CancellationToken::new();
     let readiness = Readiness::default();

@@ -6,6 +6,7 @@
 //! the Deployment scale subresource); [`local::LocalPlatform`] provides them in
 //! `zeroscale dev` (processes on this machine). Neither caller knows which it runs on.
 
+pub mod client;
 pub mod directory;
 pub mod kube;
 pub mod local;
