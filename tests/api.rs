@@ -297,6 +297,161 @@ fn spec_written_back_has_no_defaults() {
     assert_eq!(keys, vec!["template"]);
 }
 
+/// A Function scaling an existing workload, with `extra` spliced into its spec.
+fn target_manifest(spec: &str) -> String {
+    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    format!(
+        "apiVersion: zeroscale.dev/v1alpha1\nkind: Function\nmetadata: {{name: f, namespace: default}}\nspec:\n{spec}"
+    )
+}
+
+#[test]
+fn a_function_can_scale_an_existing_deployment_or_stateful_set() {
+    use zeroscale::api::TargetKind;
+    use zeroscale::api::config::ScaleTarget;
+    for (kind, want) in [
+        ("Deployment", TargetKind::Deployment),
+        ("StatefulSet", TargetKind::StatefulSet),
+    ] {
+        let f = parse(&target_manifest(&format!(
+            "scaleTargetRef: {{apiVersion: apps/v1, kind: {kind}, name: web.v2}}\nport: 9000"
+        )));
+        let c = resolve(&f).unwrap();
+        assert_eq!(
+            c.target(),
+            Some(&ScaleTarget {
+                kind: want,
+                name: "web.v2".into()
+            })
+        );
+        assert!(c.template().is_none());
+        assert_eq!(c.port, 9000);
+        assert_eq!(f.scale_target(), Some((want, "web.v2")));
+    }
+    // apiVersion may be left out; nothing is added when written back (GitOps).
+    let f = parse(&target_manifest(
+        "scaleTargetRef: {kind: Deployment, name: web}\nport: 8080",
+    ));
+    assert!(resolve(&f).is_ok());
+    let v = serde_json::to_value(&f.spec).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "port": 8080})
+    );
+}
+
+/// Evaluates the CRD's CEL rules of the shape `[!]has(self.a) || [!]has(self.b)` on a
+/// spec: enough for the rules on `spec`, so runtime and admission are compared on the
+/// same manifests without an API server (the e2e suite compares with a real one).
+fn cel_refusals(spec: &serde_json::Value) -> Vec<String> {
+    let crd = serde_json::to_value(zeroscale::api::crd::function_crd()).unwrap();
+    let rules = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["x-kubernetes-validations"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut refused = Vec::new();
+    for rule in rules {
+        let text = rule["rule"].as_str().unwrap();
+        let holds = text.split("||").any(|term| {
+            let term = term.trim();
+            let (negated, inner) = match term.strip_prefix('!') {
+                Some(rest) => (true, rest),
+                None => (false, term),
+            };
+            let field = inner
+                .strip_prefix("has(self.")
+                .and_then(|r| r.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("rule term {term:?} is not has(self.x)"));
+            spec.get(field).is_some() != negated
+        });
+        if !holds {
+            refused.push(rule["message"].as_str().unwrap().to_string());
+        }
+    }
+    refused
+}
+
+#[test]
+fn template_and_scale_target_ref_are_one_or_the_other_at_admission_and_at_runtime() {
+    // (the field both must name, the spec)
+    let cases: &[(&str, &str)] = &[
+        ("spec.template", "port: 8080"),
+        (
+            "spec.scaleTargetRef",
+            "template: {spec: {containers: [{name: app}]}}\nscaleTargetRef: {kind: Deployment, name: web}\nport: 8080",
+        ),
+        ("spec.port", "scaleTargetRef: {kind: Deployment, name: web}"),
+    ];
+    for (field, spec) in cases {
+        let f = parse(&target_manifest(spec));
+        let err = resolve(&f).expect_err(spec);
+        assert!(
+            err.mentions(field),
+            "{spec:?}: runtime error {err} should name {field}"
+        );
+        let refused = cel_refusals(&serde_json::to_value(&f.spec).unwrap());
+        assert!(
+            refused.iter().any(|m| m.starts_with(&format!("{field} "))),
+            "{spec:?}: the CRD should refuse it naming {field}, refused: {refused:?}"
+        );
+    }
+    // What the runtime accepts, the CEL rules accept.
+    for good in [
+        "template: {spec: {containers: [{name: app}]}}",
+        "scaleTargetRef: {kind: StatefulSet, name: db}\nport: 5432",
+    ] {
+        let f = parse(&target_manifest(good));
+        assert!(resolve(&f).is_ok(), "{good}");
+        assert_eq!(
+            cel_refusals(&serde_json::to_value(&f.spec).unwrap()),
+            Vec::<String>::new()
+        );
+    }
+}
+
+#[test]
+fn scale_target_ref_fields_are_checked_as_the_schema_does() {
+    let crd = serde_json::to_value(zeroscale::api::crd::function_crd()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["scaleTargetRef"]["properties"];
+    let enum_of = |field: &str| -> Vec<String> {
+        schema[field]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(enum_of("kind"), vec!["Deployment", "StatefulSet"]);
+    assert_eq!(enum_of("apiVersion"), vec!["apps/v1"]);
+    assert_eq!(schema["name"]["maxLength"], 253);
+    // (field, a bad value the schema refuses: out of its enum, or off its pattern)
+    for (field, bad) in [
+        (
+            "spec.scaleTargetRef.kind",
+            "scaleTargetRef: {kind: DaemonSet, name: web}",
+        ),
+        (
+            "spec.scaleTargetRef.apiVersion",
+            "scaleTargetRef: {apiVersion: apps/v1beta1, kind: Deployment, name: web}",
+        ),
+        (
+            "spec.scaleTargetRef.name",
+            "scaleTargetRef: {kind: Deployment, name: Web_App}",
+        ),
+        (
+            "spec.scaleTargetRef.name",
+            "scaleTargetRef: {kind: Deployment, name: web-}",
+        ),
+    ] {
+        let f = parse(&target_manifest(&format!("{bad}\nport: 8080")));
+        let err = resolve(&f).expect_err(bad);
+        assert!(err.mentions(field), "{bad}: {err} should name {field}");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
+
 /// A watch lists every Function in one response: one the typed decoder refuses (here
 /// written under a CRD version with other required fields) must not fail the list; it is
 /// kept, named, and refused as invalid with the field that broke it.
@@ -312,7 +467,7 @@ fn one_undecodable_function_does_not_fail_a_list_of_all() {
              "spec": {"template": {"spec": {"containers": [{"name": "app", "command": ["x"]}]}}}},
             {"apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
              "metadata": {"name": "other-version", "namespace": "default"},
-             "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "port": 8080}},
+             "spec": {"scaleTargetRef": {"kind": "Deployment"}, "port": 8080}},
             {"apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
              "metadata": {"name": "wrong-type", "namespace": "default"},
              "spec": {"template": {"spec": {"containers": [{"name": "app"}]}},
@@ -324,7 +479,7 @@ fn one_undecodable_function_does_not_fail_a_list_of_all() {
     assert_eq!(list.items.len(), 3);
     assert!(list.items[0].spec.undecodable.is_none());
     for (f, field) in [
-        (&list.items[1], "spec.template"),
+        (&list.items[1], "spec.scaleTargetRef.name"),
         (&list.items[2], "spec.scale.min"),
     ] {
         let err = resolve(f).expect_err("an undecodable spec is invalid");

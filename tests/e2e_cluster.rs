@@ -100,7 +100,7 @@ async fn the_crd_installs_both_ways_and_admission_refuses_invalid_functions() {
     let Some(cluster) = cluster(test).await else {
         return;
     };
-    remove_leftovers();
+    remove_leftovers(&cluster).await;
 
     // A first install, on the create path, of exactly this CRD under another group: every
     // field is decoded strictly by this API server (the real one may exist already).
@@ -190,16 +190,53 @@ async fn the_crd_installs_both_ways_and_admission_refuses_invalid_functions() {
             true,
             "hosts may not list cluster service names",
         ),
+        // What runs: exactly one of template and scaleTargetRef (null: left out).
+        (
+            json!({"template": null, "port": 8080}),
+            true,
+            "spec.template is required unless spec.scaleTargetRef is set",
+        ),
+        (
+            json!({"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "port": 8080}),
+            true,
+            "spec.scaleTargetRef must not be set together with spec.template",
+        ),
+        (
+            json!({"template": null, "scaleTargetRef": {"kind": "Deployment", "name": "web"}}),
+            true,
+            "spec.port is required with spec.scaleTargetRef",
+        ),
+        (
+            json!({"template": null, "port": 8080,
+                   "scaleTargetRef": {"kind": "DaemonSet", "name": "web"}}),
+            false,
+            "spec.scaleTargetRef.kind",
+        ),
+        (
+            json!({"template": null, "port": 8080,
+                   "scaleTargetRef": {"kind": "Deployment", "name": "Web_App"}}),
+            false,
+            "spec.scaleTargetRef.name",
+        ),
     ];
     let mut refused = 0;
     for (n, (spec, is_cel, message)) in cases.iter().enumerate() {
         let mut f = test_function(&ns.name, &format!("bad-{n}"), json!({}));
-        if spec.get("template").is_some() {
-            f["spec"]["template"] = spec["template"].clone();
-        } else {
-            for (k, v) in spec.as_object().expect("an object") {
+        for (k, v) in spec.as_object().expect("an object") {
+            if v.is_null() {
+                f["spec"].as_object_mut().expect("a spec").remove(k);
+            } else {
                 f["spec"][k] = v.clone();
             }
+        }
+        // The runtime validation refuses the same (API servers without CEL rely on it).
+        if let Ok(parsed) = serde_json::from_value::<Function>(f.clone())
+            && (spec.to_string().contains("scaleTargetRef") || spec.get("template").is_some())
+        {
+            assert!(
+                zeroscale::api::config::validate(&parsed.spec).is_err(),
+                "the operator refuses {spec} too"
+            );
         }
         let result = dry_run(&f).await;
         if *is_cel && !cel {
@@ -229,7 +266,7 @@ async fn kustomize_installs_zeroscale_and_a_function_answers_from_zero() {
     let Some(cluster) = cluster(test).await else {
         return;
     };
-    remove_leftovers();
+    remove_leftovers(&cluster).await;
     wait_namespace_gone(&cluster, "zeroscale-system").await;
     let install = Install::kustomize(&cluster).await;
     install.wait_ready(&cluster).await;
@@ -253,9 +290,10 @@ async fn kustomize_installs_zeroscale_and_a_function_answers_from_zero() {
         assert!(listed.contains(column), "{listed}");
     }
     drop(gw);
+    // Deleted; the namespace controller finishes in its own time (the next run of this
+    // test waits for it).
     drop(ns);
     drop(install);
-    wait_namespace_gone(&cluster, "zeroscale-system").await;
 }
 
 /// Waits for `Ready=True` on a Function's status and returns the Function.
@@ -313,7 +351,7 @@ async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
     let Some(cluster) = cluster(test).await else {
         return;
     };
-    remove_leftovers();
+    remove_leftovers(&cluster).await;
     install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
     // A namespace-scoped install (watchNamespaces): its own Roles, and no other install on
     // the cluster (a run of the kustomize test, someone's cluster-wide zeroscale) sees
@@ -636,7 +674,6 @@ async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
     eprintln!("ok: garbage collected");
     drop(ns);
     drop(install);
-    wait_namespace_gone(&cluster, &system).await;
 }
 
 /// Ready replicas of a Function, and every replica count its Deployment passed through
@@ -692,7 +729,7 @@ async fn no_request_is_lost_under_churn() {
     let Some(cluster) = cluster(test).await else {
         return;
     };
-    remove_leftovers();
+    remove_leftovers(&cluster).await;
     install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
     let ns = TestNamespace::new(&cluster, "zeroscale-e2e-churn").await;
     let (release, system) = release_names();
@@ -895,5 +932,272 @@ async fn no_request_is_lost_under_churn() {
 
     drop(ns);
     drop(install);
+}
+
+/// The user's own Deployment `web` and Service `web` (as a chart or their manifests make
+/// them: no `replicas`), running the suite's test app, and examples/existing-deployment.yaml's
+/// Function `web-lazy` pointing at the Deployment with the suite's fast scale settings.
+fn existing_deployment(
+    namespace: &str,
+) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+    let pod = test_function(namespace, "unused", json!({}))["spec"]["template"]["spec"].clone();
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": pod}},
+    });
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {"selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    });
+    let text = std::fs::read_to_string(root().join("examples/existing-deployment.yaml"))
+        .expect("examples/existing-deployment.yaml");
+    let function_doc = text
+        .split("\n---")
+        .find(|d| d.contains("kind: Function"))
+        .expect("the example's Function");
+    let mut function: serde_json::Value =
+        serde_yaml::from_str(function_doc).expect("the example's Function parses");
+    function["metadata"]["namespace"] = json!(namespace);
+    function["spec"]["scale"] = json!({
+        "min": 0, "max": 4, "target": 1, "utilization": 100,
+        "window": "6s", "idleTimeout": "4s"
+    });
+    (deployment, service, function)
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster (make e2e)"]
+async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
+    use k8s_openapi::api::events::v1::Event;
+    let test = "an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back";
+    let Some(cluster) = cluster(test).await else {
+        return;
+    };
+    remove_leftovers(&cluster).await;
+    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
+    let ns = TestNamespace::new(&cluster, "zeroscale-e2e-target").await;
+    let (release, system) = release_names();
+    let install = Install::chart(
+        &cluster,
+        &release,
+        &system,
+        json!({"watchNamespaces": [ns.name]}),
+    )
+    .await;
+    install.wait_ready(&cluster).await;
+    // What a target needs, and no more: the target's spec is never written.
+    let can = |sa: &str, verb: &str, resource: &str, subresource: &str| -> bool {
+        kubectl(
+            &[
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                &format!("--subresource={subresource}"),
+                "-n",
+                &ns.name,
+                &format!("--as=system:serviceaccount:{system}:{sa}"),
+            ],
+            None,
+        )
+        .is_ok_and(|out| out.trim() == "yes")
+    };
+    let (operator_sa, activator_sa) = (install.operator.as_str(), install.activator.as_str());
+    assert!(can(operator_sa, "patch", "functions.zeroscale.dev", ""));
+    assert!(can(operator_sa, "watch", "statefulsets.apps", ""));
+    assert!(can(operator_sa, "update", "statefulsets.apps", "scale"));
+    assert!(!can(operator_sa, "update", "statefulsets.apps", ""));
+    assert!(!can(operator_sa, "patch", "statefulsets.apps", ""));
+    assert!(can(activator_sa, "update", "statefulsets.apps", "scale"));
+    assert!(!can(activator_sa, "patch", "functions.zeroscale.dev", ""));
+
+    // An ordinary Deployment and Service; the Service answers while it has replicas.
+    let (deployment, service, function) = existing_deployment(&ns.name);
+    apply(&deployment).expect("the Deployment applies");
+    let own = services_of(&cluster, &ns.name);
+    apply(&service).expect("the Service applies");
+    let user_service = own.get("web").await.expect("the user's Service");
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns.name);
+    wait_ready_replicas(&deployments, "web", 1).await;
+    let own_gw = service_gateway(&cluster, &ns.name, "web").await;
+    assert_eq!(first_answer(&own_gw, "/").await.status, 200);
+    eprintln!("ok: the Deployment's own Service answers");
+
+    // The Function takes the Deployment: its routing objects, a status, a finalizer;
+    // the Deployment stays the user's.
+    apply(&function).expect("the Function applies");
+    let f = wait_ready_condition(&cluster, &ns.name, "web-lazy").await;
+    assert_eq!(
+        f.status.as_ref().and_then(|s| s.selector.as_deref()),
+        Some("app=web")
+    );
+    assert_eq!(
+        f.metadata.finalizers.as_deref(),
+        Some(&["zeroscale.dev/scale-back".to_string()][..])
+    );
+    let private = own
+        .get("web-lazy-private")
+        .await
+        .expect("the private Service");
+    assert_eq!(
+        private.spec.as_ref().and_then(|s| s.selector.clone()),
+        Some(BTreeMap::from([("app".to_string(), "web".to_string())]))
+    );
+    let d = deployments.get("web").await.expect("the Deployment");
+    assert!(d.owner_references().is_empty() && !d.labels().contains_key(FUNCTION_LABEL));
+    eprintln!("ok: the Function holds the Deployment");
+
+    // Idle: to zero after its idle timeout.
+    eventually(
+        "idleness to take the Deployment to zero",
+        Duration::from_secs(90),
+        || async { (replicas(&deployments, "web").await.0 == 0).then_some(()) },
+    )
+    .await;
+    let functions: Api<Function> = Api::namespaced(cluster.client.clone(), &ns.name);
+    eventually(
+        "Active=False ScaledToZero",
+        Duration::from_secs(60),
+        || async {
+            let f = functions.get("web-lazy").await.ok()?;
+            (f.condition(CONDITION_ACTIVE)?.reason == "ScaledToZero").then_some(())
+        },
+    )
+    .await;
+    eprintln!("ok: the Deployment is at zero");
+
+    // A request through the activator wakes it and is answered by the Deployment's pod;
+    // the Deployment's own Service works again while it has replicas.
+    let gw = gateway(&cluster, &install, &ns.name, "web-lazy").await;
+    let cold = first_answer(&gw, "/").await;
+    assert_eq!(cold.status, 200, "{cold:?}");
+    assert_eq!(
+        cold.headers.get(COLD_START_HEADER).map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert!(cold.body.starts_with("host=web-"), "{}", cold.body);
+    let again = get(own_gw.addr, &own_gw.host, "/")
+        .await
+        .expect("the own Service");
+    assert_eq!(again.status, 200);
+    eprintln!("ok: woken from zero through the activator");
+
+    // Load scales it, every request answered; then idleness takes it back to zero.
+    let stop = CancellationToken::new();
+    let load_run = {
+        let stop = stop.clone();
+        let gw = gateway(&cluster, &install, &ns.name, "web-lazy").await;
+        tokio::spawn(async move { load(&gw, "/?delay=0.3", 6, stop).await })
+    };
+    let peak = eventually(
+        "load to scale the Deployment to 3 or more",
+        Duration::from_secs(60),
+        || async {
+            let (_, ready) = replicas(&deployments, "web").await;
+            (ready >= 3).then_some(ready)
+        },
+    )
+    .await;
+    stop.cancel();
+    let report = load_run.await.expect("the load run");
+    assert!(report.lossless(), "every request answered 200: {report:?}");
+    eprintln!("ok: scaled to {peak} under load, {} requests", report.sent);
+    eventually("back to zero", Duration::from_secs(90), || async {
+        (replicas(&deployments, "web").await.0 == 0).then_some(())
+    })
+    .await;
+
+    // A second Function naming the Deployment: the older one keeps it.
+    let mut second = function.clone();
+    second["metadata"]["name"] = json!("web-too");
+    apply(&second).expect("the second Function applies");
+    let conflict = eventually("TargetConflict", Duration::from_secs(60), || async {
+        let f = functions.get("web-too").await.ok()?;
+        let active = f.condition(CONDITION_ACTIVE)?.clone();
+        (active.reason == "TargetConflict").then_some(active)
+    })
+    .await;
+    assert!(
+        conflict.message.contains("web-lazy"),
+        "{}",
+        conflict.message
+    );
+    kubectl(&["delete", "function", "web-too", "-n", &ns.name], None).expect("deleted");
+
+    // GitOps: the manifest applied again with replicas fights the autoscaler; the
+    // Function says so with an Event.
+    let mut with_replicas = deployment.clone();
+    with_replicas["spec"]["replicas"] = json!(2);
+    apply(&with_replicas).expect("the Deployment applies");
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &ns.name);
+    let fight = eventually(
+        "a ReplicasOverridden Event",
+        Duration::from_secs(60),
+        || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("ReplicasOverridden")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-lazy")
+            })
+        },
+    )
+    .await;
+    eprintln!(
+        "ok: the fight is reported: {}",
+        fight.note.unwrap_or_default()
+    );
+    apply(&deployment).expect("the Deployment applies without replicas again");
+
+    // Deleting the Function gives the Deployment back the 1 replica it had, and the
+    // user's Service is untouched and answers.
+    functions
+        .delete("web-lazy", &DeleteParams::default())
+        .await
+        .expect("delete the Function");
+    eventually(
+        "the Function to be gone",
+        Duration::from_secs(60),
+        || async {
+            functions
+                .get_opt("web-lazy")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    wait_ready_replicas(&deployments, "web", 1).await;
+    let after = own.get("web").await.expect("the user's Service");
+    assert_eq!(after.metadata.uid, user_service.metadata.uid);
+    assert_eq!(
+        after.spec.as_ref().and_then(|s| s.selector.clone()),
+        user_service.spec.as_ref().and_then(|s| s.selector.clone())
+    );
+    let reply = first_answer(&own_gw, "/").await;
+    assert_eq!(reply.status, 200);
+    eventually(
+        "the Function's Services to be collected",
+        Duration::from_secs(60),
+        || async {
+            (own.get_opt("web-lazy").await.ok()?.is_none()
+                && own.get_opt("web-lazy-private").await.ok()?.is_none())
+            .then_some(())
+        },
+    )
+    .await;
+    eprintln!("ok: deleting the Function gave the Deployment back");
+    drop(own_gw);
+    drop(gw);
+    drop(ns);
+    drop(install);
     wait_namespace_gone(&cluster, &system).await;
+}
+
+fn services_of(cluster: &Cluster, namespace: &str) -> Api<Service> {
+    Api::namespaced(cluster.client.clone(), namespace)
 }

@@ -267,7 +267,8 @@ fn the_serving_container_drains_through_the_activators_before_it_stops() {
 
     // The user's own grace period and request timeout are what it adds up from.
     let mut f = hello();
-    f.spec.template.0["spec"]["terminationGracePeriodSeconds"] = serde_json::json!(5);
+    f.spec.template.as_mut().unwrap().0["spec"]["terminationGracePeriodSeconds"] =
+        serde_json::json!(5);
     f.spec.timeouts = Some(zeroscale::api::TimeoutsSpec {
         activation: None,
         request: Some("20s".into()),
@@ -281,7 +282,7 @@ fn the_serving_container_drains_through_the_activators_before_it_stops() {
 #[test]
 fn a_preexisting_pre_stop_is_kept_and_no_activator_address_means_no_hook() {
     let mut f = hello();
-    f.spec.template.0["spec"]["containers"][0]["lifecycle"] =
+    f.spec.template.as_mut().unwrap().0["spec"]["containers"][0]["lifecycle"] =
         serde_json::json!({"preStop": {"exec": {"command": ["/bin/drain"]}}});
     let d = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators()))
         .unwrap()
@@ -447,7 +448,7 @@ fn drift_is_seen_and_server_defaults_are_not() {
 
     // The user removed something from the spec: the applied hash differs.
     let mut f2 = hello();
-    f2.spec.template.0["spec"]["containers"][0]
+    f2.spec.template.as_mut().unwrap().0["spec"]["containers"][0]
         .as_object_mut()
         .unwrap()
         .remove("readinessProbe");
@@ -561,7 +562,7 @@ fn startup_failures_carry_the_kubelet_message() {
         ),
     ];
     for (p, reason, message) in cases {
-        let active = status::active(Some(&d), &[&p], None);
+        let active = status::active(Some(&workload(&d)), &[&p], None);
         assert!(!active.status);
         assert_eq!(active.reason, reason);
         assert!(active.message.contains(message), "{}", active.message);
@@ -569,14 +570,18 @@ fn startup_failures_carry_the_kubelet_message() {
         // A Function that cannot start is not Ready either (GitOps health).
         assert!(!status::ready(&[], &active).status);
     }
-    let stuck = status::active(Some(&deployment(1, 0, true)), &[], None);
+    let stuck = status::active(Some(&workload(&deployment(1, 0, true))), &[], None);
     assert_eq!(stuck.reason, "ProgressDeadlineExceeded");
     assert!(stuck.message.contains("timed out progressing"));
 }
 
+fn workload(d: &Deployment) -> status::WorkloadStatus {
+    d.into()
+}
+
 #[test]
 fn scaled_to_zero_is_ready_and_not_a_failure() {
-    let active = status::active(Some(&deployment(0, 0, false)), &[], None);
+    let active = status::active(Some(&workload(&deployment(0, 0, false))), &[], None);
     assert_eq!(
         (active.status, active.reason.as_str()),
         (false, "ScaledToZero")
@@ -585,27 +590,31 @@ fn scaled_to_zero_is_ready_and_not_a_failure() {
     let ready = status::ready(&[], &active);
     assert!(ready.status, "Ready is true at zero");
 
-    let waking = status::active(Some(&deployment(1, 0, false)), &[&pod(None, None)], None);
+    let waking = status::active(
+        Some(&workload(&deployment(1, 0, false))),
+        &[&pod(None, None)],
+        None,
+    );
     assert_eq!(
         (waking.status, waking.reason.as_str()),
         (false, "Activating")
     );
-    let up = status::active(Some(&deployment(2, 2, false)), &[], None);
+    let up = status::active(Some(&workload(&deployment(2, 2, false))), &[], None);
     assert_eq!((up.status, up.reason.as_str()), (true, "Active"));
     // Ready replicas win over a failing one: requests are still served...
     let failing = pod(Some(("CrashLoopBackOff", "back-off restarting")), None);
     let d = deployment(2, 1, false);
-    let some = status::active(Some(&d), &[&failing], None);
+    let some = status::active(Some(&workload(&d)), &[&failing], None);
     assert!(some.status);
     // ...but the stuck rollout shows on Ready, as GitOps health checks expect.
-    let stuck = status::startup_failure(Some(&d), &[&failing]).unwrap();
+    let stuck = status::startup_failure(Some(&workload(&d)), &[&failing]).unwrap();
     let ready = status::ready(&[Blocker::RolloutFailing(stuck)], &some);
     assert_eq!((ready.status, ready.reason.as_str()), (false, "CrashLoop"));
 }
 
 #[test]
 fn ready_reports_invalid_specs_and_host_conflicts() {
-    let idle = status::active(Some(&deployment(0, 0, false)), &[], None);
+    let idle = status::active(Some(&workload(&deployment(0, 0, false))), &[], None);
     let r = status::ready(
         &[Blocker::InvalidSpec(
             "spec.scale.min: must not exceed spec.scale.max (5 > 2)".into(),
@@ -630,9 +639,9 @@ fn transition_time_moves_only_when_the_status_flips() {
     let mut f = hello();
     let t0 = Time(jiff::Timestamp::from_second(1_700_000_000).unwrap());
     let t1 = Time(jiff::Timestamp::from_second(1_700_000_100).unwrap());
-    let idle = status::active(Some(&deployment(0, 0, false)), &[], None);
+    let idle = status::active(Some(&workload(&deployment(0, 0, false))), &[], None);
     let ready = status::ready(&[], &idle);
-    let s0 = status::operator_status(&f, "cluster.local", None, &ready, &idle, t0.clone());
+    let s0 = status::operator_status(&f, "cluster.local", None, None, &ready, &idle, t0.clone());
     assert_eq!(s0.url, "http://hello.default.svc.cluster.local");
     assert_eq!(s0.observed_generation, Some(3));
     f.status = Some(zeroscale::api::FunctionStatus {
@@ -645,15 +654,16 @@ fn transition_time_moves_only_when_the_status_flips() {
     });
     assert!(status::status_up_to_date(&f, &s0));
     // Same statuses later: nothing changes, no write needed.
-    let s1 = status::operator_status(&f, "cluster.local", None, &ready, &idle, t1.clone());
+    let s1 = status::operator_status(&f, "cluster.local", None, None, &ready, &idle, t1.clone());
     assert_eq!(s1, s0);
     assert!(status::status_up_to_date(&f, &s1));
     // Active flips to True: its transition time moves, Ready's does not.
-    let up = status::active(Some(&deployment(1, 1, false)), &[], None);
+    let up = status::active(Some(&workload(&deployment(1, 1, false))), &[], None);
     let s2 = status::operator_status(
         &f,
         "cluster.local",
-        Some(&deployment(1, 1, false)),
+        Some(&workload(&deployment(1, 1, false))),
+        None,
         &ready,
         &up,
         t1.clone(),
@@ -753,4 +763,119 @@ fn an_ipv6_only_cluster_gets_an_ipv6_slice() {
     let v4 = activator_slice(vec![("10.1.0.7", Some(true), None)]);
     assert_eq!(aggregate([&v6, &v4]).address_type, "IPv4");
     assert_eq!(aggregate([&v6, &v4]).endpoints.len(), 1);
+}
+
+/// The documents of examples/existing-deployment.yaml: the user's Deployment, their
+/// Service, and the Function pointing at the Deployment.
+fn existing_deployment_example() -> (Deployment, k8s_openapi::api::core::v1::Service, Function) {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/existing-deployment.yaml"
+    ))
+    .unwrap();
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .collect();
+    let mut deployment: Deployment = serde_json::from_value(docs[0].clone()).unwrap();
+    deployment.metadata.uid = Some("d-uid".into());
+    deployment.spec.as_mut().unwrap().replicas = Some(1);
+    let service = serde_json::from_value(docs[1].clone()).unwrap();
+    let mut function: Function = serde_json::from_value(docs[2].clone()).unwrap();
+    function.metadata.uid = Some("f-uid".into());
+    function.metadata.generation = Some(1);
+    (deployment, service, function)
+}
+
+#[test]
+fn a_target_function_routes_to_the_targets_pods_and_owns_only_its_routing() {
+    use zeroscale::operator::build::{PORT_NAME, SERVICE_LABEL};
+    use zeroscale::operator::target::{RECORD_ANNOTATION, Record, TargetObject};
+    let (deployment, user_service, f) = existing_deployment_example();
+    let c = config(&f);
+    let target = TargetObject::Deployment(deployment);
+    let selector = target.selector().unwrap();
+    let record = Record::take(
+        &target,
+        jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+    );
+    let routing =
+        build::build_target(&f, &c, Some((&selector, &record)), Some(&activators())).unwrap();
+
+    // The private Service selects the target's pods by the target's own selector: the
+    // same pods the user's Service selects.
+    let private = &routing.private_service;
+    assert_eq!(private.metadata.name.as_deref(), Some("web-lazy-private"));
+    let spec = private.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(
+        spec.selector.as_ref(),
+        user_service.spec.as_ref().unwrap().selector.as_ref()
+    );
+    let port = &spec.ports.as_ref().unwrap()[0];
+    assert_eq!(port.name.as_deref(), Some(PORT_NAME));
+    assert_eq!(
+        (port.port, port.target_port.clone()),
+        (8080, Some(IntOrString::Int(8080)))
+    );
+    // Labelled like a template Function's: the EndpointSlice controller copies these to
+    // the slices the activators find the replicas by.
+    let l = labels(&private.metadata);
+    assert_eq!(l.get(FUNCTION_LABEL).map(String::as_str), Some("web-lazy"));
+    assert_eq!(l.get(SERVICE_LABEL).map(String::as_str), Some("private"));
+    // It remembers what the target had, to give it back.
+    let recorded = private.metadata.annotations.as_ref().unwrap()[RECORD_ANNOTATION].clone();
+    let back: Record = serde_json::from_str(&recorded).unwrap();
+    assert_eq!(
+        (back.kind.as_str(), back.name.as_str()),
+        ("Deployment", "web")
+    );
+    assert_eq!((back.uid.as_str(), back.original_replicas), ("d-uid", 1));
+
+    // Every object is the Function's own (garbage collection), none is the target.
+    for meta in [
+        &routing.private_service.metadata,
+        &routing.public_service.metadata,
+        &routing.activator_slice.as_ref().unwrap().metadata,
+    ] {
+        let owners = meta.owner_references.as_ref().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].uid.as_str()),
+            ("Function", "f-uid")
+        );
+    }
+    let public = routing.public_service.spec.as_ref().unwrap();
+    assert!(public.selector.is_none(), "clients reach the activators");
+    assert_eq!(
+        routing.activator_slice.as_ref().unwrap().endpoints.len(),
+        2,
+        "the slice points at the activators"
+    );
+
+    // Not holding the target (missing, refused, another Function has it): the private
+    // Service selects the Function's own label, which no pod has, and records nothing,
+    // so no replica is routed to.
+    let idle = build::build_target(&f, &c, None, Some(&activators())).unwrap();
+    assert_eq!(
+        idle.private_service.spec.as_ref().unwrap().selector,
+        Some(BTreeMap::from([(
+            FUNCTION_LABEL.to_string(),
+            "web-lazy".to_string()
+        )]))
+    );
+    assert!(
+        !idle
+            .private_service
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key(RECORD_ANNOTATION)
+    );
+    assert!(
+        !up_to_date(&idle.private_service, Some(&routing.private_service)),
+        "taking or giving back the target is a change to apply"
+    );
+    assert_eq!(idle.public_service, routing.public_service);
 }

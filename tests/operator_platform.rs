@@ -303,3 +303,182 @@ async fn autoscaler_status_is_applied_with_its_own_field_manager() {
     assert_eq!(status["desiredReplicas"], 2);
     assert_eq!(status["lastRequestTime"], "2023-11-14T22:13:20Z");
 }
+
+/// A Function scaling StatefulSet `db`; `selector` on its status once it holds it.
+fn db_function(selector: Option<&str>) -> Value {
+    let mut f = json!({"apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
+        "metadata": {"name": "hello", "namespace": "default", "generation": 2,
+                     "resourceVersion": "5", "uid": "u"},
+        "spec": {"scaleTargetRef": {"kind": "StatefulSet", "name": "db"}, "port": 5432},
+        "status": {"observedGeneration": 2}});
+    if let Some(s) = selector {
+        f["status"]["selector"] = json!(s);
+    }
+    f
+}
+
+/// Serves `function` to the platform's Function watch and drains the stream until the
+/// platform has seen it.
+async fn platform_seeing(
+    function: Value,
+    mut rest: Script,
+) -> (KubePlatform, Arc<Mutex<Vec<Call>>>) {
+    use futures::StreamExt;
+    let (p, calls) = platform(Box::new(move |c| {
+        if c.path == "/apis/zeroscale.dev/v1alpha1/functions" {
+            if c.query.contains("watch=true") {
+                return (200, json!({}));
+            }
+            return (
+                200,
+                json!({"apiVersion": "zeroscale.dev/v1alpha1", "kind": "FunctionList",
+                       "metadata": {"resourceVersion": "9"}, "items": [function.clone()]}),
+            );
+        }
+        rest(c)
+    }));
+    let mut functions = p.functions();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), functions.next())
+        .await
+        .expect("the Function list");
+    assert!(matches!(
+        first,
+        Some(zeroscale::platform::FunctionEvent::Reset(_))
+    ));
+    tokio::spawn(async move { while functions.next().await.is_some() {} });
+    (p, calls)
+}
+
+#[tokio::test]
+async fn a_target_function_scales_its_target_only_once_it_holds_it() {
+    const DB_SCALE: &str = "/apis/apps/v1/namespaces/default/statefulsets/db/scale";
+    // Not held yet (no selector on the status): nothing is read or written.
+    let (p, calls) = platform_seeing(db_function(None), Box::new(|_| (500, json!({})))).await;
+    assert!(matches!(
+        p.wake(&key(), 1).await,
+        Err(PlatformError::NotFound(_))
+    ));
+    assert!(matches!(
+        p.scale(&key()).await,
+        Err(PlatformError::NotFound(_))
+    ));
+    assert!(p.stopping_replicas(&key()).await.unwrap().is_empty());
+    assert!(
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|c| c.path.contains("/functions")),
+        "only the Function watch"
+    );
+
+    // Held: the StatefulSet's scale subresource, never a Deployment named like the
+    // Function; drains find its pods by the target's selector.
+    let (p, calls) = platform_seeing(
+        db_function(Some("app=db")),
+        Box::new(|c| match (c.method.as_str(), c.path.as_str()) {
+            ("GET", DB_SCALE) => (200, scale(0, "7")),
+            ("PUT", DB_SCALE) => (200, c.body.clone()),
+            ("GET", "/apis/apps/v1/namespaces/default/statefulsets/db") => (
+                200,
+                json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                       "metadata": {"name": "db", "namespace": "default", "resourceVersion": "8"},
+                       "spec": {"replicas": 2, "selector": {}, "serviceName": "db", "template": {}},
+                       "status": {"replicas": 2, "readyReplicas": 1}}),
+            ),
+            ("GET", "/api/v1/namespaces/default/pods") => (
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+                    {"metadata": {"name": "db-0", "deletionTimestamp": "2024-01-01T00:00:00Z"},
+                     "status": {"podIP": "10.0.0.5"}}]}),
+            ),
+            other => panic!("unexpected {other:?}"),
+        }),
+    )
+    .await;
+    assert_eq!(p.wake(&key(), 1).await.unwrap(), WakeOutcome::Woken);
+    let s = p.scale(&key()).await.unwrap();
+    assert_eq!(
+        (s.desired, s.ready, s.version.as_deref()),
+        (2, 1, Some("8"))
+    );
+    assert_eq!(
+        p.stopping_replicas(&key()).await.unwrap(),
+        vec!["10.0.0.5".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let calls = calls.lock().unwrap();
+    let put = calls.iter().find(|c| c.method == "PUT").unwrap();
+    assert_eq!(put.path, DB_SCALE);
+    assert_eq!(put.body["metadata"]["name"], "db");
+    assert_eq!(put.body["metadata"]["resourceVersion"], "7");
+    let pods = calls.iter().find(|c| c.path.ends_with("/pods")).unwrap();
+    assert!(
+        pods.query.contains("labelSelector=app%3Ddb"),
+        "{}",
+        pods.query
+    );
+    assert!(!calls.iter().any(|c| c.path.contains("/deployments/")));
+}
+
+#[tokio::test]
+async fn with_the_cache_a_targets_scale_is_read_again_only_when_it_changed() {
+    let (p, calls) = platform_seeing(
+        db_function(Some("app=db")),
+        Box::new(|c| {
+            if c.path == "/apis/apps/v1/statefulsets" {
+                if c.query.contains("watch=true") {
+                    return (200, json!({}));
+                }
+                // The metadata-only list: the object and its version, nothing else.
+                return (
+                    200,
+                    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                           "metadata": {"resourceVersion": "9"},
+                           "items": [{"apiVersion": "meta.k8s.io/v1",
+                                      "kind": "PartialObjectMetadata",
+                                      "metadata": {"name": "db", "namespace": "default",
+                                                   "resourceVersion": "8"}}]}),
+                );
+            }
+            assert_eq!(c.path, "/apis/apps/v1/namespaces/default/statefulsets/db");
+            (
+                200,
+                json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                       "metadata": {"name": "db", "namespace": "default", "resourceVersion": "8"},
+                       "spec": {"replicas": 0, "selector": {}, "serviceName": "db", "template": {}},
+                       "status": {"replicas": 0}}),
+            )
+        }),
+    )
+    .await;
+    let p = p.with_deployment_cache();
+    let gets = |calls: &Arc<Mutex<Vec<Call>>>| {
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.path.ends_with("/statefulsets/db"))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        assert_eq!(p.scale(&key()).await.unwrap().desired, 0);
+        let listed = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.path == "/apis/apps/v1/statefulsets");
+        if listed && gets(&calls) > 0 {
+            // One more read to cache under the listed version.
+            p.scale(&key()).await.unwrap();
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never listed");
+        tokio::task::yield_now().await;
+    }
+    let before = gets(&calls);
+    for _ in 0..20 {
+        assert_eq!(p.scale(&key()).await.unwrap().version.as_deref(), Some("8"));
+    }
+    assert_eq!(gets(&calls), before, "an unchanged target costs no GET");
+}

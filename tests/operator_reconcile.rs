@@ -132,6 +132,8 @@ fn harness() -> Harness {
         metrics: Metrics::new(&registry).unwrap(),
         slice_limiter: RateLimiter::new(1000),
         failures: Default::default(),
+        targets: Default::default(),
+        fights: Default::default(),
     });
     Harness {
         api,
@@ -377,7 +379,7 @@ async fn an_activator_rollout_rewrites_only_the_slice() {
 async fn image_pull_failure_lands_on_the_active_condition() {
     let mut h = harness();
     let mut f = hello();
-    f.spec.template.0["spec"]["containers"][0]["image"] = json!("nope:1");
+    f.spec.template.as_mut().unwrap().0["spec"]["containers"][0]["image"] = json!("nope:1");
     h.store_function(&f);
     h.reconcile(&f).await.unwrap();
     let f = h.sync_caches(&f);
@@ -621,4 +623,543 @@ async fn repeated_failures_back_off_up_to_five_minutes() {
             "retry {n}: {d:?}"
         );
     }
+}
+
+// --- Functions with a scaleTargetRef (examples/existing-deployment.yaml's web-lazy)
+
+const WEB: &str = "/apis/apps/v1/namespaces/default/deployments/web";
+
+fn function_path(name: &str) -> String {
+    format!("/apis/zeroscale.dev/v1alpha1/namespaces/default/functions/{name}")
+}
+
+fn private_path(name: &str) -> String {
+    format!("/api/v1/namespaces/default/services/{name}-private")
+}
+
+/// The example's Function pointing at Deployment `web`, named `name`, created at `created`.
+fn lazy(name: &str, created: i64) -> Function {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/existing-deployment.yaml"
+    ))
+    .unwrap();
+    let doc = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "Function")
+        .unwrap();
+    let mut f: Function = serde_json::from_value(doc).unwrap();
+    f.metadata.name = Some(name.into());
+    f.metadata.uid = Some(format!("uid-of-{name}"));
+    f.metadata.generation = Some(1);
+    f.metadata.resource_version = Some("1".into());
+    f.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::from_second(created).unwrap(),
+    ));
+    f
+}
+
+/// The user's Deployment `web`, as the API server holds it.
+fn web(replicas: i32, selector: Value) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": "web", "namespace": "default", "uid": "web-uid",
+                        "resourceVersion": "100"},
+           "spec": {"replicas": replicas, "selector": selector,
+                    "template": {"metadata": {"labels": {"app": "web"}},
+                                 "spec": {"containers": [{"name": "web", "image": "web:1"}]}}},
+           "status": {"replicas": 0, "readyReplicas": 0}})
+}
+
+impl Harness {
+    fn put_object(&self, path: &str, object: Value) {
+        self.api
+            .objects
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), object);
+    }
+
+    /// Stores a Function in the fake API and in the caches and index the Function watch
+    /// would fill.
+    fn add_function(&mut self, f: &Function) {
+        let name = f.metadata.name.clone().unwrap();
+        self.put_object(&function_path(&name), serde_json::to_value(f).unwrap());
+        put(&mut self.caches.functions, f.clone());
+        self.context
+            .targets
+            .handle(&watcher::Event::Apply(f.clone()));
+    }
+
+    /// Copies what the fake API holds into the caches (what the watches would do) and
+    /// returns the Function as stored (status, finalizers).
+    fn sync(&mut self, f: &Function) -> Function {
+        let objects = self.api.objects.lock().unwrap().clone();
+        for (path, object) in &objects {
+            if path.contains("/services/") {
+                put(
+                    &mut self.caches.services,
+                    serde_json::from_value(object.clone()).unwrap(),
+                );
+            } else if path.contains("/endpointslices/") {
+                put(
+                    &mut self.caches.slices,
+                    serde_json::from_value(object.clone()).unwrap(),
+                );
+            }
+        }
+        let name = f.metadata.name.clone().unwrap();
+        let stored: Function =
+            serde_json::from_value(objects[&function_path(&name)].clone()).unwrap();
+        put(&mut self.caches.functions, stored.clone());
+        self.context
+            .targets
+            .handle(&watcher::Event::Apply(stored.clone()));
+        stored
+    }
+
+    fn replicas_of_web(&self) -> i64 {
+        self.api.objects.lock().unwrap()[WEB]["spec"]["replicas"]
+            .as_i64()
+            .unwrap()
+    }
+}
+
+fn scale_writes(calls: &[Call]) -> Vec<&Call> {
+    calls
+        .iter()
+        .filter(|c| c.path.ends_with("/scale") && c.method != "GET")
+        .collect()
+}
+
+fn finalizer_patches(calls: &[Call], name: &str) -> Vec<Value> {
+    calls
+        .iter()
+        .filter(|c| c.method == "PATCH" && c.path == function_path(name))
+        .map(|c| c.body.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_missing_target_is_reported_and_taken_once_it_exists() {
+    let mut h = harness();
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    let status = the(
+        &calls,
+        "PATCH",
+        &format!("{}/status", function_path("web-lazy")),
+    );
+    let active = condition(status, "Active");
+    assert_eq!(active["reason"], "TargetNotFound");
+    assert!(
+        active["message"]
+            .as_str()
+            .unwrap()
+            .contains("Deployment web does not exist"),
+        "{active}"
+    );
+    assert_eq!(condition(status, "Ready")["reason"], "TargetNotFound");
+    assert!(status.body["status"].get("selector").is_none());
+    // Routable (requests get the reason), but nothing is selected, scaled or held.
+    let private = the(&calls, "PATCH", &private_path("web-lazy"));
+    assert_eq!(
+        private.body["spec"]["selector"],
+        json!({FUNCTION_LABEL: "web-lazy"}),
+        "no pod has the Function's own label"
+    );
+    the(
+        &calls,
+        "PATCH",
+        "/api/v1/namespaces/default/services/web-lazy",
+    );
+    assert!(scale_writes(&calls).is_empty());
+    assert!(finalizer_patches(&calls, "web-lazy").is_empty());
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.contains("/deployments") && c.is_write())
+    );
+
+    // The Deployment appears (its metadata watch event brings the Function here).
+    h.put_object(WEB, web(2, json!({"matchLabels": {"app": "web"}})));
+    let f = h.sync(&f);
+    let action = h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    // The finalizer comes first: from then on, deleting the Function gives the
+    // Deployment back.
+    let fin = finalizer_patches(&calls, "web-lazy");
+    assert_eq!(fin.len(), 1, "{fin:?}");
+    assert_eq!(fin[0][1]["op"], "add");
+    assert_eq!(fin[0][1]["value"], json!(["zeroscale.dev/scale-back"]));
+    let at = |path: &str| calls.iter().position(|c| c.path == path && c.is_write());
+    assert!(at(&function_path("web-lazy")) < at(&private_path("web-lazy")));
+    let private = the(&calls, "PATCH", &private_path("web-lazy"));
+    assert_eq!(private.body["spec"]["selector"], json!({"app": "web"}));
+    let record: Value = serde_json::from_str(
+        private.body["metadata"]["annotations"]["zeroscale.dev/scale-target"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["originalReplicas"], 2);
+    assert_eq!(record["uid"], "web-uid");
+    let status = the(
+        &calls,
+        "PATCH",
+        &format!("{}/status", function_path("web-lazy")),
+    );
+    assert_eq!(status.body["status"]["selector"], "app=web");
+    assert_eq!(condition(status, "Active")["reason"], "Activating");
+    // Replicas are asked for and not ready: the pods are read by the target's selector,
+    // and read again soon (they have no watch).
+    assert!(calls.iter().any(|c| c.method == "GET"
+        && c.path == "/api/v1/namespaces/default/pods"
+        && c.query.contains("labelSelector=app%3Dweb")));
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(5)));
+    // zeroscale never writes the user's Deployment: not its spec, and the operator not
+    // even its scale (the autoscaler and activators do, once the status says so).
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.starts_with(WEB) && c.is_write())
+    );
+}
+
+#[tokio::test]
+async fn a_target_selector_a_service_cannot_express_is_refused() {
+    let mut h = harness();
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.put_object(
+        WEB,
+        web(
+            1,
+            json!({"matchLabels": {"app": "web"},
+                   "matchExpressions": [{"key": "track", "operator": "NotIn", "values": ["canary"]}]}),
+        ),
+    );
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    let status = the(
+        &calls,
+        "PATCH",
+        &format!("{}/status", function_path("web-lazy")),
+    );
+    let active = condition(status, "Active");
+    assert_eq!(active["reason"], "TargetSelectorUnsupported");
+    let message = active["message"].as_str().unwrap();
+    assert!(
+        message.contains("track NotIn [canary]") && message.contains("matchLabels"),
+        "{message}"
+    );
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert!(finalizer_patches(&calls, "web-lazy").is_empty());
+    assert!(scale_writes(&calls).is_empty());
+}
+
+#[tokio::test]
+async fn of_two_functions_naming_one_target_the_older_keeps_it() {
+    let mut h = harness();
+    h.put_object(WEB, web(3, json!({"matchLabels": {"app": "web"}})));
+    let old = lazy("old", 1_600_000_000);
+    let young = lazy("young", 1_700_000_000);
+    h.add_function(&old);
+    h.add_function(&young);
+    h.reconcile(&old).await.unwrap();
+    h.sync(&old);
+    h.api.take_calls();
+    h.reconcile(&young).await.unwrap();
+    let calls = h.api.take_calls();
+    let status = the(
+        &calls,
+        "PATCH",
+        &format!("{}/status", function_path("young")),
+    );
+    let active = condition(status, "Active");
+    assert_eq!(active["reason"], "TargetConflict");
+    assert!(active["message"].as_str().unwrap().contains("default/old"));
+    assert!(status.body["status"].get("selector").is_none());
+    assert_eq!(
+        the(&calls, "PATCH", &private_path("young")).body["spec"]["selector"],
+        json!({FUNCTION_LABEL: "young"}),
+        "the younger one routes to no pod"
+    );
+    assert!(finalizer_patches(&calls, "young").is_empty());
+}
+
+#[tokio::test]
+async fn an_older_function_that_comes_later_takes_the_target_once_it_is_given_back() {
+    let mut h = harness();
+    h.put_object(WEB, web(3, json!({"matchLabels": {"app": "web"}})));
+    let young = lazy("young", 1_700_000_000);
+    h.add_function(&young);
+    h.reconcile(&young).await.unwrap();
+    let young = h.sync(&young);
+    // The autoscaler scaled the idle target to zero.
+    h.api.objects.lock().unwrap().get_mut(WEB).unwrap()["spec"]["replicas"] = json!(0);
+
+    // An older Function is edited to name the same Deployment.
+    let old = lazy("old", 1_600_000_000);
+    h.add_function(&old);
+    h.api.take_calls();
+    h.reconcile(&old).await.unwrap();
+    let calls = h.api.take_calls();
+    let status = the(&calls, "PATCH", &format!("{}/status", function_path("old")));
+    assert!(
+        condition(status, "Active")["message"]
+            .as_str()
+            .unwrap()
+            .contains("still held by Function default/young"),
+        "it waits until the target is given back"
+    );
+    assert!(scale_writes(&calls).is_empty());
+
+    // The younger one gives it back: the replicas it had before, then no record.
+    h.reconcile(&young).await.unwrap();
+    let calls = h.api.take_calls();
+    let writes = scale_writes(&calls);
+    assert_eq!(writes.len(), 1);
+    assert_eq!(writes[0].method, "PUT");
+    assert_eq!(writes[0].body["spec"]["replicas"], 3);
+    assert!(
+        writes[0].body["metadata"]["resourceVersion"].is_string(),
+        "optimistic concurrency"
+    );
+    assert!(writes[0].query.contains("fieldManager=zeroscale-operator"));
+    assert_eq!(h.replicas_of_web(), 3);
+    let private = the(&calls, "PATCH", &private_path("young"));
+    assert!(
+        private.body["metadata"]["annotations"]
+            .get("zeroscale.dev/scale-target")
+            .is_none()
+    );
+    assert_eq!(
+        finalizer_patches(&calls, "young")[0][1]["op"],
+        "remove",
+        "nothing left to give back"
+    );
+    let young = h.sync(&young);
+    assert!(young.metadata.finalizers.unwrap_or_default().is_empty());
+
+    // Now the older one takes it, remembering the original 3.
+    let old = h.sync(&old);
+    h.reconcile(&old).await.unwrap();
+    let calls = h.api.take_calls();
+    let private = the(&calls, "PATCH", &private_path("old"));
+    let record: Value = serde_json::from_str(
+        private.body["metadata"]["annotations"]["zeroscale.dev/scale-target"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["originalReplicas"], 3);
+}
+
+#[tokio::test]
+async fn deleting_the_function_scales_the_target_back_then_lets_go() {
+    let mut h = harness();
+    h.put_object(WEB, web(2, json!({"matchLabels": {"app": "web"}})));
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let f = h.sync(&f);
+    assert_eq!(
+        f.metadata.finalizers.as_deref(),
+        Some(&["zeroscale.dev/scale-back".to_string()][..])
+    );
+    // Idle: the autoscaler took it to zero.
+    h.api.objects.lock().unwrap().get_mut(WEB).unwrap()["spec"]["replicas"] = json!(0);
+    h.api.take_calls();
+
+    // Deleted a while ago (the API server only sets the timestamp: the finalizer holds
+    // it).
+    let mut deleting = f.clone();
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now() - jiff::SignedDuration::from_secs(10),
+        ));
+    let action = h.reconcile(&deleting).await.unwrap();
+    let calls = h.api.take_calls();
+    let writes = scale_writes(&calls);
+    assert_eq!(writes.len(), 1);
+    assert_eq!(writes[0].body["spec"]["replicas"], 2);
+    assert_eq!(h.replicas_of_web(), 2, "what it had before the Function");
+    assert!(events(&calls).contains(&("Normal".into(), "ScaledBack".into())));
+    assert!(
+        finalizer_patches(&calls, "web-lazy").is_empty(),
+        "it checks once more before letting go"
+    );
+    assert_ne!(action, Action::await_change());
+
+    // The count held: the finalizer goes, and the garbage collector does the rest.
+    let action = h.reconcile(&deleting).await.unwrap();
+    let calls = h.api.take_calls();
+    assert!(scale_writes(&calls).is_empty());
+    let fin = finalizer_patches(&calls, "web-lazy");
+    assert_eq!(fin.len(), 1);
+    assert_eq!(
+        fin[0][1],
+        json!({"op": "remove", "path": "/metadata/finalizers/0"})
+    );
+    assert_eq!(action, Action::await_change());
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.is_write() && c.path.contains("/services/web")),
+        "nothing of the user's is touched, and the Function's own objects are the GC's"
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_function_restores_a_target_it_just_took_after_a_settling_wait() {
+    let mut h = harness();
+    h.put_object(WEB, web(2, json!({"matchLabels": {"app": "web"}})));
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let mut deleting = h.sync(&f);
+    h.api.take_calls();
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+    );
+    // Nothing to restore, but an autoscaler that has not seen the deletion yet could
+    // still scale it: the finalizer stays a moment.
+    let action = h.reconcile(&deleting).await.unwrap();
+    let calls = h.api.take_calls();
+    assert!(scale_writes(&calls).is_empty());
+    assert!(finalizer_patches(&calls, "web-lazy").is_empty());
+    assert!(matches!(action, a if a != Action::await_change()));
+}
+
+#[tokio::test]
+async fn replicas_set_by_another_field_manager_are_reported_once() {
+    let mut h = harness();
+    h.put_object(WEB, web(0, json!({"matchLabels": {"app": "web"}})));
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let f = h.sync(&f);
+    h.api.take_calls();
+    // A GitOps tool re-applies the manifest with replicas: 3.
+    {
+        let mut objects = h.api.objects.lock().unwrap();
+        let d = objects.get_mut(WEB).unwrap();
+        d["spec"]["replicas"] = json!(3);
+        d["metadata"]["managedFields"] = json!([
+            {"manager": "argocd-controller", "operation": "Apply", "apiVersion": "apps/v1",
+             "time": (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(5)).to_string(),
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        ]);
+    }
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    let fight: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.path.contains("/events") && c.body["reason"] == "ReplicasOverridden")
+        .collect();
+    assert_eq!(fight.len(), 1, "{:#?}", events(&calls));
+    let note = fight[0].body["note"].as_str().unwrap();
+    assert!(
+        note.contains("argocd-controller") && note.contains("Deployment web"),
+        "{note}"
+    );
+    assert_eq!(fight[0].body["type"], "Warning");
+    // Seen already: not again at the next reconcile.
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.contains("/events") && c.body["reason"] == "ReplicasOverridden")
+    );
+}
+
+#[tokio::test]
+async fn a_targets_failing_pods_land_on_the_active_condition() {
+    let mut h = harness();
+    let mut deployment = web(1, json!({"matchLabels": {"app": "web"}}));
+    deployment["status"] = json!({"replicas": 1, "readyReplicas": 0});
+    h.put_object(WEB, deployment);
+    h.put_object(
+        "/api/v1/namespaces/default/pods/web-6c9-x",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "web-6c9-x", "namespace": "default", "labels": {"app": "web"}},
+               "status": {"containerStatuses": [{
+                   "name": "web", "image": "web:1", "imageID": "", "ready": false,
+                   "restartCount": 0,
+                   "state": {"waiting": {"reason": "ImagePullBackOff",
+                                          "message": "Back-off pulling image \"web:1\""}}}]}}),
+    );
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    let action = h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    let status = the(
+        &calls,
+        "PATCH",
+        &format!("{}/status", function_path("web-lazy")),
+    );
+    let active = condition(status, "Active");
+    assert_eq!(active["reason"], "ImagePullFailure");
+    assert!(active["message"].as_str().unwrap().contains("web-6c9-x"));
+    assert_eq!(status.body["status"]["replicas"], 1);
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn a_function_edited_to_a_template_gives_its_target_back() {
+    let mut h = harness();
+    h.put_object(WEB, web(2, json!({"matchLabels": {"app": "web"}})));
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let mut f = h.sync(&f);
+    h.api.objects.lock().unwrap().get_mut(WEB).unwrap()["spec"]["replicas"] = json!(0);
+    h.api.take_calls();
+
+    f.spec.scale_target_ref = None;
+    f.spec.template = hello().spec.template;
+    f.metadata.generation = Some(2);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    assert_eq!(h.replicas_of_web(), 2, "given back");
+    let private = the(&calls, "PATCH", &private_path("web-lazy"));
+    assert_eq!(
+        private.body["spec"]["selector"],
+        json!({FUNCTION_LABEL: "web-lazy"})
+    );
+    assert!(
+        private.body["metadata"]["annotations"]
+            .get("zeroscale.dev/scale-target")
+            .is_none()
+    );
+    the(
+        &calls,
+        "PATCH",
+        "/apis/apps/v1/namespaces/default/deployments/web-lazy",
+    );
+    assert_eq!(finalizer_patches(&calls, "web-lazy")[0][1]["op"], "remove");
+}
+
+#[tokio::test]
+async fn an_older_function_with_an_invalid_spec_does_not_keep_the_target() {
+    let mut h = harness();
+    h.put_object(WEB, web(1, json!({"matchLabels": {"app": "web"}})));
+    let mut broken = lazy("broken", 1_600_000_000);
+    broken.spec.scale.as_mut().unwrap().min = Some(9);
+    h.add_function(&broken);
+    let f = lazy("web-lazy", 1_700_000_000);
+    h.add_function(&f);
+    h.reconcile(&f).await.unwrap();
+    let calls = h.api.take_calls();
+    let status = the(
+        &calls,
+        "PATCH",
+        &format!("{}/status", function_path("web-lazy")),
+    );
+    assert_eq!(status.body["status"]["selector"], "app=web");
 }

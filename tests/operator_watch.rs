@@ -40,6 +40,11 @@ fn client(list: Value, events: Vec<Value>) -> (kube::Client, Arc<Mutex<Vec<Strin
                     .map(|e| format!("{e}\n"))
                     .collect::<String>()
                     .into_bytes()
+            } else if request.uri().path().ends_with("/services") {
+                // The activator Service (its drain hook address): none here.
+                serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "ServiceList",
+                                           "metadata": {"resourceVersion": "1"}, "items": []}))
+                .unwrap()
             } else {
                 serde_json::to_vec(&list).unwrap()
             };

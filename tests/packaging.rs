@@ -222,7 +222,9 @@ fn check_document(doc: &Value) -> Result<(), String> {
         }
         ("zeroscale.dev/v1alpha1", "Function") => {
             let function: Function = decode(doc)?;
-            function.spec.template.parse().map_err(|e| e.to_string())?;
+            if let Some(template) = &function.spec.template {
+                template.parse().map_err(|e| e.to_string())?;
+            }
             FunctionConfig::resolve(&function.spec, &Defaults::default())
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -270,8 +272,26 @@ fn the_samples_are_functions_that_validate() {
     let docs = kustomize("config/samples");
     assert!(!docs.is_empty());
     for doc in &docs {
-        assert_eq!(doc["kind"], "Function", "{}", name_of(doc));
         check_document(doc).unwrap_or_else(|e| panic!("{}: {e}", name_of(doc)));
+        if doc["kind"] == "Function" {
+            // A Function scaling an existing workload comes with that workload.
+            if let Some(target) = doc["spec"]["scaleTargetRef"].as_object() {
+                assert!(
+                    docs.iter().any(|d| d["kind"] == target["kind"]
+                        && d["metadata"]["name"] == target["name"]
+                        && d["metadata"]["namespace"] == doc["metadata"]["namespace"]),
+                    "{}: its scaleTargetRef is not among the samples",
+                    name_of(doc)
+                );
+            }
+        } else {
+            // Only the ordinary Deployment and Service of examples/existing-deployment.yaml.
+            assert!(
+                matches!(doc["kind"].as_str(), Some("Deployment" | "Service")),
+                "{}",
+                name_of(doc)
+            );
+        }
     }
 }
 

@@ -117,6 +117,14 @@ pub async fn wait_until_unrouted(
                 );
                 return;
             }
+            // The watcher backs off between failed attempts: look at the clock meanwhile.
+            _ = tokio::time::sleep(Duration::from_secs(1)), if failing_since.is_some() => {
+                if failing_since.is_some_and(|t| t.elapsed() >= BLIND) {
+                    warn!("lame duck: the Functions' slices cannot be watched; stopping");
+                    return;
+                }
+                continue;
+            }
             e = events.next() => e,
         };
         // Only data ends a failure: a retried list starts with `Init` again.

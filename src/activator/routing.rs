@@ -453,13 +453,9 @@ fn claim_view(key: &FunctionKey, created: Option<jiff::Timestamp>, hosts: &[Stri
     let mut f = Function::new(
         &key.name,
         FunctionSpec {
-            template: PodTemplate::default(),
-            port: None,
+            template: Some(PodTemplate::default()),
             hosts: hosts.to_vec(),
-            scale: None,
-            timeouts: None,
-            queue: None,
-            undecodable: None,
+            ..FunctionSpec::default()
         },
     );
     f.metadata.namespace = Some(key.namespace.clone());

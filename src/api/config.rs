@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::duration::{format_duration, parse_duration};
 use super::hosts::{is_reserved_host, is_valid_hostname};
-use super::{FunctionSpec, MetricKind, QueueSpec, ScaleSpec, TimeoutsSpec};
+use super::{FunctionSpec, MetricKind, QueueSpec, ScaleSpec, TargetKind, TimeoutsSpec};
 
 /// The default port a Function serves on when neither `port` nor a `containerPort` says.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -99,15 +99,10 @@ impl Defaults {
             .map_err(|e| crate::Error::Config(format!("defaults file {}: {e}", path.display())))?;
         // Resolve a minimal spec against the defaults to check them.
         let probe = FunctionSpec {
-            template: super::PodTemplate(
+            template: Some(super::PodTemplate(
                 serde_json::json!({"spec": {"containers": [{"name": "probe"}]}}),
-            ),
-            port: None,
-            hosts: vec![],
-            scale: None,
-            timeouts: None,
-            queue: None,
-            undecodable: None,
+            )),
+            ..FunctionSpec::default()
         };
         FunctionConfig::resolve(&probe, &defaults)
             .map_err(|e| crate::Error::Config(format!("defaults file {}: {e}", path.display())))?;
@@ -173,11 +168,33 @@ pub struct TimeoutsConfig {
     pub request: Duration,
 }
 
+/// The existing workload a Function scales (`spec.scaleTargetRef`), resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScaleTarget {
+    pub kind: TargetKind,
+    pub name: String,
+}
+
+impl std::fmt::Display for ScaleTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind, self.name)
+    }
+}
+
+/// What a Function runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    /// Its own pods from `spec.template` (decoded): zeroscale owns their Deployment.
+    Template(Box<PodTemplateSpec>),
+    /// Someone else's Deployment or StatefulSet, only scaled.
+    Target(ScaleTarget),
+}
+
 /// A Function spec with defaults applied and every value checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FunctionConfig {
-    /// The decoded pod template.
-    pub template: PodTemplateSpec,
+    /// What runs: the decoded pod template, or the target.
+    pub workload: Workload,
     /// The container port that serves HTTP.
     pub port: u16,
     /// Extra hosts from `spec.hosts`, lower-cased.
@@ -189,6 +206,22 @@ pub struct FunctionConfig {
 }
 
 impl FunctionConfig {
+    /// The pod template, for a template Function.
+    pub fn template(&self) -> Option<&PodTemplateSpec> {
+        match &self.workload {
+            Workload::Template(t) => Some(t),
+            Workload::Target(_) => None,
+        }
+    }
+
+    /// The workload scaled, for a Function with a `scaleTargetRef`.
+    pub fn target(&self) -> Option<&ScaleTarget> {
+        match &self.workload {
+            Workload::Target(t) => Some(t),
+            Workload::Template(_) => None,
+        }
+    }
+
     /// Applies `defaults` to `spec` and validates the result; returns every problem found.
     pub fn resolve(spec: &FunctionSpec, defaults: &Defaults) -> Result<Self, ValidationErrors> {
         if let Some(problem) = &spec.undecodable {
@@ -208,10 +241,25 @@ impl FunctionConfig {
             })
         };
 
+        // --- what runs: exactly one of template and scaleTargetRef (the CRD's CEL rules
+        // say the same, with the same field first in each message)
+        match (&spec.template, &spec.scale_target_ref) {
+            (Some(_), Some(_)) => err(
+                "spec.scaleTargetRef",
+                "must not be set together with spec.template (a Function has exactly one of the two)".into(),
+            ),
+            (None, None) => err(
+                "spec.template",
+                "is required unless spec.scaleTargetRef is set (a Function has exactly one of the two)".into(),
+            ),
+            _ => {}
+        }
+
         // --- template
-        let template = match spec.template.parse() {
-            Ok(t) => t,
-            Err(e) => {
+        let template = match spec.template.as_ref().map(super::PodTemplate::parse) {
+            None => PodTemplateSpec::default(),
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
                 err("spec.template", format!("is not a valid pod template: {e}"));
                 PodTemplateSpec::default()
             }
@@ -221,7 +269,7 @@ impl FunctionConfig {
             .as_ref()
             .map(|s| s.containers.as_slice())
             .unwrap_or_default();
-        if containers.is_empty() {
+        if spec.template.is_some() && containers.is_empty() {
             err(
                 "spec.template.spec.containers",
                 "must list at least one container".into(),
@@ -235,6 +283,42 @@ impl FunctionConfig {
                 );
             }
         }
+
+        // --- scaleTargetRef
+        let scale_target = spec.scale_target_ref.as_ref().and_then(|r| {
+            if let Some(v) = r.api_version.as_deref().filter(|v| *v != "apps/v1") {
+                err(
+                    "spec.scaleTargetRef.apiVersion",
+                    format!("must be apps/v1, got {v:?}"),
+                );
+            }
+            let kind = TargetKind::parse(&r.kind);
+            if kind.is_none() {
+                err(
+                    "spec.scaleTargetRef.kind",
+                    format!("must be Deployment or StatefulSet, got {:?}", r.kind),
+                );
+            }
+            if !is_object_name(&r.name) {
+                err(
+                    "spec.scaleTargetRef.name",
+                    format!(
+                        "{:?} is not an object name (lower-case letters, digits, '-' and '.', at most 253 characters)",
+                        r.name
+                    ),
+                );
+            }
+            if spec.port.is_none() {
+                err(
+                    "spec.port",
+                    "is required with spec.scaleTargetRef: the container port of the target's pods that serves HTTP".into(),
+                );
+            }
+            Some(ScaleTarget {
+                kind: kind?,
+                name: r.name.clone(),
+            })
+        });
 
         // --- port
         let first_container_port = containers
@@ -456,8 +540,12 @@ impl FunctionConfig {
             return Err(ValidationErrors(errs));
         }
         let panic_window = window.mul_f64(f64::from(panic_window_percent) / 100.0);
+        let workload = match scale_target {
+            Some(t) => Workload::Target(t),
+            None => Workload::Template(Box::new(template)),
+        };
         Ok(FunctionConfig {
-            template,
+            workload,
             port,
             hosts,
             scale: ScaleConfig {
@@ -483,6 +571,21 @@ impl FunctionConfig {
             queue_capacity: capacity as usize,
         })
     }
+}
+
+/// Whether `name` is a valid name for a Deployment or StatefulSet (a DNS subdomain, as
+/// the CRD's pattern on `scaleTargetRef.name` says).
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 /// Validates a spec against the built-in defaults.

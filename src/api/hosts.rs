@@ -142,13 +142,9 @@ mod tests {
         let mut f = Function::new(
             name,
             FunctionSpec {
-                template: PodTemplate::default(),
-                port: None,
+                template: Some(PodTemplate::default()),
                 hosts: hosts.iter().map(|h| h.to_string()).collect(),
-                scale: None,
-                timeouts: None,
-                queue: None,
-                undecodable: None,
+                ..FunctionSpec::default()
             },
         );
         f.metadata.namespace = Some(ns.into());

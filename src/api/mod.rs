@@ -1,7 +1,8 @@
 //! The `Function` custom resource (`zeroscale.dev/v1alpha1`): the user's contract.
 //!
-//! The spec is what a user writes; every field but `template` is optional and its default
-//! lives in memory ([`config::Defaults`], overridable cluster-wide), never written back
+//! The spec is what a user writes: what runs (its own pod `template`, or the
+//! `scaleTargetRef` of an existing Deployment or StatefulSet) is required, every other
+//! field is optional and its default lives in memory ([`config::Defaults`], overridable cluster-wide), never written back
 //! into the object, so GitOps tools see no drift. [`config::FunctionConfig::resolve`]
 //! turns a spec into typed, validated settings once; everything downstream reads those.
 
@@ -34,6 +35,14 @@ pub const COLD_START_HEADER: &str = "x-zeroscale-cold-start";
 /// have (an IP address, as the kubelet sends), so it never shadows a Function's path.
 pub const DRAIN_PATH_PREFIX: &str = "/.zeroscale/drain/";
 
+/// `Active` reason: the `scaleTargetRef` names no existing workload.
+pub const REASON_TARGET_NOT_FOUND: &str = "TargetNotFound";
+/// `Active` reason: the target selects its pods with more than `matchLabels`, which a
+/// Service selector cannot express.
+pub const REASON_TARGET_SELECTOR_UNSUPPORTED: &str = "TargetSelectorUnsupported";
+/// `Active` reason: an older Function scales the same target.
+pub const REASON_TARGET_CONFLICT: &str = "TargetConflict";
+
 /// Reasons on the `Active` condition that mean the Function's replicas cannot start.
 /// The activator fails requests fast (503 with the message) while one of them is current.
 pub const STARTUP_FAILURE_REASONS: &[&str] = &[
@@ -43,6 +52,9 @@ pub const STARTUP_FAILURE_REASONS: &[&str] = &[
     "Unschedulable",
     "CreateContainerError",
     "InvalidTemplate",
+    REASON_TARGET_NOT_FOUND,
+    REASON_TARGET_SELECTOR_UNSUPPORTED,
+    REASON_TARGET_CONFLICT,
 ];
 
 // The spec decodes leniently (see `FunctionSpec::undecodable`): a watch lists every
@@ -68,16 +80,32 @@ pub const STARTUP_FAILURE_REASONS: &[&str] = &[
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.template) || has(self.scaleTargetRef)", "message": "spec.template is required unless spec.scaleTargetRef is set (a Function has exactly one of the two)"},
+    {"rule": "!has(self.template) || !has(self.scaleTargetRef)", "message": "spec.scaleTargetRef must not be set together with spec.template (a Function has exactly one of the two)"},
+    {"rule": "!has(self.scaleTargetRef) || has(self.port)", "message": "spec.port is required with spec.scaleTargetRef: the container port of the target's pods that serves HTTP"}
+]))]
 pub struct FunctionSpec {
-    /// The pod template each replica runs (a core/v1 PodTemplateSpec). Its first
-    /// container serves HTTP on `port`. Only the shape the activator and the local `dev`
-    /// mode rely on is checked here; the rest is checked by the API server when the
-    /// operator creates the Deployment, and reported on this Function's status.
+    /// The pod template each replica runs (a core/v1 PodTemplateSpec): zeroscale creates
+    /// and owns a Deployment of it. Its first container serves HTTP on `port`. Only the
+    /// shape the activator and the local `dev` mode rely on is checked here; the rest is
+    /// checked by the API server when the operator creates the Deployment, and reported
+    /// on this Function's status. Exactly one of `template` and `scaleTargetRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crd::pod_template_schema")]
-    pub template: PodTemplate,
+    pub template: Option<PodTemplate>,
+
+    /// An existing Deployment or StatefulSet in the Function's namespace to scale
+    /// instead of running a `template`. zeroscale never creates, edits or deletes it: it
+    /// routes to its pods (by the target's own `matchLabels` selector) and sets its
+    /// replica count through the scale subresource; deleting the Function scales it back
+    /// to the replicas it had before. `port` is required with it. Exactly one of
+    /// `template` and `scaleTargetRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_target_ref: Option<ScaleTargetRef>,
 
     /// The container port that serves HTTP. Default: the first `containerPort` of the
-    /// first container, else 8080.
+    /// first container of `template`, else 8080. Required with `scaleTargetRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
@@ -124,7 +152,10 @@ pub struct FunctionSpec {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct StoredSpec {
-    template: PodTemplate,
+    #[serde(default)]
+    template: Option<PodTemplate>,
+    #[serde(default)]
+    scale_target_ref: Option<ScaleTargetRef>,
     #[serde(default)]
     port: Option<i32>,
     #[serde(default)]
@@ -143,6 +174,7 @@ impl<'de> Deserialize<'de> for FunctionSpec {
         match serde_path_to_error::deserialize::<_, StoredSpec>(&value) {
             Ok(s) => Ok(FunctionSpec {
                 template: s.template,
+                scale_target_ref: s.scale_target_ref,
                 port: s.port,
                 hosts: s.hosts,
                 scale: s.scale,
@@ -170,12 +202,75 @@ impl<'de> Deserialize<'de> for FunctionSpec {
                     format!("spec.{path}")
                 };
                 Ok(FunctionSpec {
-                    template: PodTemplate(value.get("template").cloned().unwrap_or_default()),
+                    template: value.get("template").cloned().map(PodTemplate),
                     undecodable: Some(format!("{field}: {}", e.into_inner())),
                     ..FunctionSpec::default()
                 })
             }
         }
+    }
+}
+
+/// The workload a Function scales instead of running its own template.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleTargetRef {
+    /// `apps/v1`, the only API group and version served (optional; accepted so that an
+    /// HPA's or KEDA's `scaleTargetRef` can be copied as it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["apps/v1"]))]
+    pub api_version: Option<String>,
+    /// `Deployment` or `StatefulSet`: both have the scale subresource zeroscale sets
+    /// replicas through.
+    #[schemars(extend("enum" = ["Deployment", "StatefulSet"]))]
+    pub kind: String,
+    /// The workload's name, in the Function's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+}
+
+/// The kinds of workload a `scaleTargetRef` may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetKind {
+    Deployment,
+    StatefulSet,
+}
+
+impl TargetKind {
+    /// Every kind, in the order the CRD lists them.
+    pub const ALL: [TargetKind; 2] = [TargetKind::Deployment, TargetKind::StatefulSet];
+
+    /// The kind named `kind` (exactly as the API spells it).
+    pub fn parse(kind: &str) -> Option<Self> {
+        match kind {
+            "Deployment" => Some(TargetKind::Deployment),
+            "StatefulSet" => Some(TargetKind::StatefulSet),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Deployment => "Deployment",
+            TargetKind::StatefulSet => "StatefulSet",
+        }
+    }
+
+    /// The resource's plural (`deployments`), as RBAC and URLs name it.
+    pub fn plural(self) -> &'static str {
+        match self {
+            TargetKind::Deployment => "deployments",
+            TargetKind::StatefulSet => "statefulsets",
+        }
+    }
+}
+
+impl std::fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -337,6 +432,12 @@ pub struct FunctionStatus {
     /// Replicas ready to serve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// The label selector of the pods that serve this Function (`key=value,...`, as
+    /// `kubectl get pods -l` takes it). With a `scaleTargetRef` it is set only while the
+    /// Function holds its target, which is when the autoscaler and the activators scale
+    /// it; an activator's drain of a stopping replica finds the Function's pods with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// Replicas the autoscaler last asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
@@ -399,6 +500,13 @@ impl Function {
             .find(|c| c.type_ == type_)
     }
 
+    /// The workload named by `spec.scaleTargetRef`, when it names a kind zeroscale can
+    /// scale (`None` for a template Function, or an unknown kind).
+    pub fn scale_target(&self) -> Option<(TargetKind, &str)> {
+        let target = self.spec.scale_target_ref.as_ref()?;
+        Some((TargetKind::parse(&target.kind)?, target.name.as_str()))
+    }
+
     /// The reason this Function's replicas cannot start, if its status says so for the
     /// current generation of its spec. A newer spec gets a fresh chance.
     pub fn startup_failure(&self) -> Option<String> {
@@ -424,13 +532,8 @@ mod tests {
         let mut f = Function::new(
             "hello",
             FunctionSpec {
-                template: PodTemplate::default(),
-                port: None,
-                hosts: vec![],
-                scale: None,
-                timeouts: None,
-                queue: None,
-                undecodable: None,
+                template: Some(PodTemplate::default()),
+                ..FunctionSpec::default()
             },
         );
         f.metadata.namespace = Some("default".into());

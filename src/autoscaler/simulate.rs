@@ -33,13 +33,11 @@ pub fn boundary_scale_config() -> Result<ScaleConfig, ValidationErrors> {
 /// The settings a Function with `scale` and the built-in defaults resolves to.
 fn resolve(scale: Option<ScaleSpec>) -> Result<ScaleConfig, ValidationErrors> {
     let spec = FunctionSpec {
-        template: PodTemplate(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})),
-        port: None,
-        hosts: vec![],
+        template: Some(PodTemplate(
+            serde_json::json!({"spec": {"containers": [{"name": "app"}]}}),
+        )),
         scale,
-        timeouts: None,
-        queue: None,
-        undecodable: None,
+        ..FunctionSpec::default()
     };
     FunctionConfig::resolve(&spec, &Defaults::default()).map(|c| c.scale)
 }

@@ -329,7 +329,7 @@ impl Watcher {
                 Ok(Applied::Unchanged) => {
                     self.applied.insert(key, (function, file));
                 }
-                Err(ApplyError::Invalid(e)) => {
+                Err(e @ (ApplyError::Invalid(_) | ApplyError::Unsupported(_))) => {
                     let (document, kept) = match sources.get(&key) {
                         Some((_, d)) => (Some(*d), self.applied.contains_key(&key)),
                         None => (None, false),
@@ -532,6 +532,57 @@ mod watcher_tests {
         let errors = w.reload().await;
         assert!(errors[0].message.contains("defined again"), "{errors:?}");
         assert_eq!(max_of(&p, "a"), Some(5));
+        p.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+    use crate::api::Defaults;
+    use crate::platform::local::{LocalSettings, Output};
+
+    /// dev runs processes from a Function's own template; a Function that scales
+    /// another object's pods is reported in one line and the others keep running.
+    #[tokio::test]
+    async fn a_function_with_a_scale_target_is_reported_unsupported_and_the_others_run() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/existing-deployment.yaml"
+            ),
+            dir.path().join("existing-deployment.yaml"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("hello.yaml"),
+            "apiVersion: zeroscale.dev/v1alpha1\nkind: Function\nmetadata: {name: hello}\nspec:\n  template: {spec: {containers: [{name: app, command: [x]}]}}\n",
+        )
+        .unwrap();
+        let (output, _) = Output::capture();
+        let p = LocalPlatform::new(LocalSettings {
+            defaults: Defaults::default(),
+            cluster_domain: "cluster.local".into(),
+            output,
+        });
+        let mut w = Watcher::new(vec![dir.path().to_path_buf()], p.clone());
+        let errors = w.reload().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let line = errors[0].to_string();
+        assert!(!line.contains('\n'), "one line: {line}");
+        assert!(
+            line.contains("Function default/web-lazy")
+                && line.contains("unsupported in dev")
+                && line.contains("spec.scaleTargetRef names Deployment web"),
+            "{line}"
+        );
+        let running: Vec<String> = w.functions().map(|f| f.key().to_string()).collect();
+        assert_eq!(running, vec!["default/hello"]);
+        assert!(
+            p.function(&FunctionKey::new("default", "web-lazy"))
+                .is_none()
+        );
         p.shutdown().await;
     }
 }

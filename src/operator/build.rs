@@ -31,6 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
+use super::target::{RECORD_ANNOTATION, Record};
 use crate::api::{FUNCTION_LABEL, Function, FunctionConfig};
 
 /// The field manager of every object (and status field) the reconciler writes.
@@ -218,6 +219,15 @@ fn replicas_owned_only_by_us(d: &Deployment) -> bool {
     ours
 }
 
+/// The routing objects of a Function: the same for template and target Functions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub private_service: Service,
+    pub public_service: Service,
+    /// `None` while the activator endpoints are not known yet.
+    pub activator_slice: Option<EndpointSlice>,
+}
+
 /// The objects one Function owns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Desired {
@@ -234,6 +244,8 @@ pub struct Desired {
 pub enum BuildError {
     #[error("the Function has no uid or namespace yet (not stored by the API server)")]
     NotStored,
+    #[error("{0}")]
+    Patch(String),
 }
 
 /// Builds every object a Function owns.
@@ -254,29 +266,10 @@ pub fn build(
         .name
         .clone()
         .ok_or(BuildError::NotStored)?;
-    let meta = |object_name: String, service: Option<&str>| {
-        let mut labels = BTreeMap::from([
-            (FUNCTION_LABEL.to_string(), name.clone()),
-            (
-                "app.kubernetes.io/managed-by".to_string(),
-                "zeroscale".to_string(),
-            ),
-        ]);
-        if let Some(s) = service {
-            labels.insert(SERVICE_LABEL.to_string(), s.to_string());
-        }
-        ObjectMeta {
-            name: Some(object_name),
-            namespace: Some(namespace.clone()),
-            labels: Some(labels),
-            owner_references: Some(vec![owner.clone()]),
-            ..ObjectMeta::default()
-        }
-    };
     let selector = BTreeMap::from([(FUNCTION_LABEL.to_string(), name.clone())]);
 
     // The user's pod template, with the label the selector needs (which wins over theirs).
-    let mut template = config.template.clone();
+    let mut template = config.template().cloned().unwrap_or_default();
     let template_meta = template.metadata.get_or_insert_with(ObjectMeta::default);
     template_meta
         .labels
@@ -292,7 +285,7 @@ pub fn build(
         );
     }
     let deployment = Deployment {
-        metadata: meta(name.clone(), None),
+        metadata: object_meta(name.clone(), &namespace, &name, None, &owner),
         spec: Some(DeploymentSpec {
             replicas: replicas.value(),
             selector: LabelSelector {
@@ -305,8 +298,77 @@ pub fn build(
         status: None,
     };
 
+    let Routing {
+        private_service,
+        public_service,
+        activator_slice,
+    } = routing(function, config.port, selector, None, activators)?;
+
+    let mut desired = Desired {
+        deployment,
+        private_service,
+        public_service,
+        activator_slice,
+    };
+    stamp_hash(&mut desired.deployment, true);
+    Ok(desired)
+}
+
+/// Builds the routing objects of a Function with a `scaleTargetRef`. While it holds its
+/// target, `hold` has the target's pod selector and the record to keep on the private
+/// Service; otherwise the private Service selects the Function's own label, which no pod
+/// has: no replica to route to.
+///
+/// It always has a selector: a headless Service created without one is defaulted to
+/// `ipFamilyPolicy: RequireDualStack`, which a single-stack cluster then refuses as soon
+/// as a selector is added (seen on a real API server).
+pub fn build_target(
+    function: &Function,
+    config: &FunctionConfig,
+    hold: Option<(&BTreeMap<String, String>, &Record)>,
+    activators: Option<&ActivatorEndpoints>,
+) -> Result<Routing, BuildError> {
+    let own = || {
+        BTreeMap::from([(
+            FUNCTION_LABEL.to_string(),
+            function.metadata.name.clone().unwrap_or_default(),
+        )])
+    };
+    routing(
+        function,
+        config.port,
+        hold.map_or_else(own, |(s, _)| s.clone()),
+        hold.map(|(_, r)| r),
+        activators,
+    )
+}
+
+/// The private Service (selecting `selector`, with `record` as an annotation), the
+/// public Service and its activator EndpointSlice.
+fn routing(
+    function: &Function,
+    port: u16,
+    selector: BTreeMap<String, String>,
+    record: Option<&Record>,
+    activators: Option<&ActivatorEndpoints>,
+) -> Result<Routing, BuildError> {
+    let owner = owner_reference(function).ok_or(BuildError::NotStored)?;
+    let namespace = function
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(BuildError::NotStored)?;
+    let name = function
+        .metadata
+        .name
+        .clone()
+        .ok_or(BuildError::NotStored)?;
+    let meta = |object_name: String, service: &str| {
+        object_meta(object_name, &namespace, &name, Some(service), &owner)
+    };
+
     let private_service = Service {
-        metadata: meta(private_service_name(&name), Some("private")),
+        metadata: meta(private_service_name(&name), "private"),
         spec: Some(ServiceSpec {
             // Headless: the activator connects to pod IPs from the slices; a virtual IP
             // and kube-proxy rules would be unused.
@@ -314,8 +376,8 @@ pub fn build(
             selector: Some(selector),
             ports: Some(vec![ServicePort {
                 name: Some(PORT_NAME.into()),
-                port: i32::from(config.port),
-                target_port: Some(IntOrString::Int(i32::from(config.port))),
+                port: i32::from(port),
+                target_port: Some(IntOrString::Int(i32::from(port))),
                 protocol: Some("TCP".into()),
                 ..ServicePort::default()
             }]),
@@ -325,7 +387,7 @@ pub fn build(
     };
 
     let public_service = Service {
-        metadata: meta(name.clone(), Some("public")),
+        metadata: meta(name.clone(), "public"),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             ports: Some(vec![ServicePort {
@@ -340,7 +402,7 @@ pub fn build(
     };
 
     let activator_slice = activators.map(|a| {
-        let mut metadata = meta(activator_slice_name(&name), Some("public"));
+        let mut metadata = meta(activator_slice_name(&name), "public");
         let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
         labels.insert("kubernetes.io/service-name".into(), name.clone());
         labels.insert(
@@ -385,19 +447,52 @@ pub fn build(
         }
     });
 
-    let mut desired = Desired {
-        deployment,
+    let mut routing = Routing {
         private_service,
         public_service,
         activator_slice,
     };
-    stamp_hash(&mut desired.deployment, true);
-    stamp_hash(&mut desired.private_service, false);
-    stamp_hash(&mut desired.public_service, false);
-    if let Some(s) = desired.activator_slice.as_mut() {
+    if let Some(r) = record {
+        routing
+            .private_service
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(RECORD_ANNOTATION.into(), r.to_annotation());
+    }
+    stamp_hash(&mut routing.private_service, false);
+    stamp_hash(&mut routing.public_service, false);
+    if let Some(s) = routing.activator_slice.as_mut() {
         stamp_hash(s, false);
     }
-    Ok(desired)
+    Ok(routing)
+}
+
+/// The metadata of an object a Function owns: its labels and the owner reference.
+fn object_meta(
+    object_name: String,
+    namespace: &str,
+    function: &str,
+    service: Option<&str>,
+    owner: &OwnerReference,
+) -> ObjectMeta {
+    let mut labels = BTreeMap::from([
+        (FUNCTION_LABEL.to_string(), function.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "zeroscale".to_string(),
+        ),
+    ]);
+    if let Some(s) = service {
+        labels.insert(SERVICE_LABEL.to_string(), s.to_string());
+    }
+    ObjectMeta {
+        name: Some(object_name),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
 }
 
 /// Gives the serving container (the first) a `preStop` that waits for the activators to

@@ -10,16 +10,18 @@ pub mod metrics;
 pub mod rbac;
 pub mod reconcile;
 pub mod status;
+pub mod target;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -29,7 +31,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::api::{Defaults, FUNCTION_LABEL, Function};
+use crate::api::{Defaults, FUNCTION_LABEL, Function, TargetKind};
 use crate::platform::kube::KubePlatform;
 use crate::telemetry::{self, Readiness};
 
@@ -384,16 +386,23 @@ pub async fn run_controller(
     )
     .touched_objects();
 
-    // Functions; a change to one's hosts re-checks the others that list the same host.
+    // Functions; a change to one's hosts re-checks the others that list the same host, and
+    // a change to one's scale target the others that name the same target.
     let (functions, writer) = reflector::store::<Function>();
     let (host_tx, host_rx) = futures::channel::mpsc::unbounded();
     let host_reader = functions.clone();
+    let targets = target::TargetIndex::default();
+    let index = targets.clone();
     let function_events = reflector::reflector(
         writer,
         watcher(api::<Function>(&client, ns), watcher::Config::default()).default_backoff(),
     )
     .inspect(move |event| {
-        if let Ok(watcher::Event::Apply(f) | watcher::Event::Delete(f)) = event {
+        let Ok(event) = event else { return };
+        for other in index.handle(event) {
+            let _ = host_tx.unbounded_send(other);
+        }
+        if let watcher::Event::Apply(f) | watcher::Event::Delete(f) = event {
             for other in sharing_hosts(&host_reader, f) {
                 let _ = host_tx.unbounded_send(other);
             }
@@ -403,6 +412,15 @@ pub async fn run_controller(
     // Only spec changes need a reconcile: status writes (ours, and the autoscaler's
     // lastRequestTime under traffic) would otherwise trigger one each.
     .predicate_filter(predicates::generation, PredicateConfig::default());
+
+    // Scale targets are the users' objects, without zeroscale's label: a metadata-only
+    // watch of every Deployment (StatefulSet) says when one changed, and is only started
+    // once some Function names a target of that kind. Nothing is cached: the reconcile
+    // GETs the target it needs.
+    let deployment_targets =
+        target_events::<Deployment>(&client, ns, &targets, TargetKind::Deployment);
+    let stateful_set_targets =
+        target_events::<StatefulSet>(&client, ns, &targets, TargetKind::StatefulSet);
 
     let (activators_tx, activators_rx) = watch::channel(None);
     let follower = tokio::spawn(activators::follow(
@@ -444,6 +462,8 @@ pub async fn run_controller(
         metrics,
         slice_limiter: reconcile::RateLimiter::new(slice_writes_per_second),
         failures: reconcile::Failures::default(),
+        targets: targets.clone(),
+        fights: Default::default(),
     });
     info!(namespace = ns.unwrap_or("<all>"), "reconciling Functions");
     Controller::for_stream(function_events, functions)
@@ -463,6 +483,14 @@ pub async fn run_controller(
             name.zip(ns)
                 .map(|(name, ns)| ObjectRef::<Function>::new(&name).within(&ns))
         })
+        .watches_stream(
+            deployment_targets,
+            target_mapper(&targets, TargetKind::Deployment),
+        )
+        .watches_stream(
+            stateful_set_targets,
+            target_mapper(&targets, TargetKind::StatefulSet),
+        )
         .reconcile_on(host_rx)
         .reconcile_all_on(activator_changes)
         .graceful_shutdown_on(stop.clone().cancelled_owned())
@@ -476,6 +504,45 @@ pub async fn run_controller(
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), follower).await;
     info!("controller stopped");
+}
+
+/// Metadata-only events of the workloads of `kind` in the watched namespaces, from the
+/// moment some Function names a target of that kind.
+fn target_events<K>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    index: &target::TargetIndex,
+    kind: TargetKind,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let api = api::<PartialObjectMeta<K>>(client, namespace);
+    let index = index.clone();
+    futures::stream::once(async move { index.wanted(kind).await }).flat_map(move |()| {
+        watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .touched_objects()
+    })
+}
+
+/// Maps a workload's event to the Functions that name it as their target.
+fn target_mapper<K: Resource>(
+    index: &target::TargetIndex,
+    kind: TargetKind,
+) -> impl Fn(PartialObjectMeta<K>) -> Vec<ObjectRef<Function>> + Send + Sync + 'static {
+    let index = index.clone();
+    move |meta| {
+        let (Some(namespace), Some(name)) = (meta.metadata.namespace, meta.metadata.name) else {
+            return Vec::new();
+        };
+        index.functions(&target::TargetKey {
+            kind,
+            namespace,
+            name,
+        })
+    }
 }
 
 /// Other Functions listing one of `f`'s hosts.
@@ -579,13 +646,9 @@ mod tests {
             let mut f = Function::new(
                 name,
                 crate::api::FunctionSpec {
-                    template: crate::api::PodTemplate::default(),
-                    port: None,
+                    template: Some(crate::api::PodTemplate::default()),
                     hosts: hosts.iter().map(|h| h.to_string()).collect(),
-                    scale: None,
-                    timeouts: None,
-                    queue: None,
-                    undecodable: None,
+                    ..crate::api::FunctionSpec::default()
                 },
             );
             f.metadata.namespace = Some("default".into());

@@ -15,7 +15,10 @@
 //!   and setting `blockOwnerDeletion` needs `update` on the owner's `finalizers`.
 //!   zeroscale sets owner references only when it creates an object and leaves
 //!   `blockOwnerDeletion` unset (see [`super::build::owner_reference`]), so it needs
-//!   neither: the e2e suite runs with that plugin on to keep this true.
+//!   neither: the e2e suite runs with that plugin on to keep this true;
+//! - a Function's own finalizer (one that holds a scale target, see `target`) is a
+//!   JSON patch of the Function's metadata: `patch` on `functions`, nothing on
+//!   `functions/finalizers` (which only `blockOwnerDeletion` asks for).
 
 /// Where a rule applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,11 +105,12 @@ const fn rule(
 /// scale subresource, and nothing is deleted (owner references let the garbage collector
 /// delete).
 pub const OPERATOR_RULES: &[Rule] = &[
-    // Reconciler and autoscaler watches.
+    // Reconciler and autoscaler watches; the finalizer of a Function that holds a scale
+    // target (a JSON patch of its metadata, never of its spec).
     rule(
         "zeroscale.dev",
         &["functions"],
-        &[Call::Watch],
+        &[Call::Watch, Call::Patch],
         Scope::Watched,
     ),
     // Status: the reconciler's and the autoscaler's fields, by server-side apply to the
@@ -119,17 +123,27 @@ pub const OPERATOR_RULES: &[Rule] = &[
     ),
     // Owned Deployments: watched, read before a first apply (a same-named object that
     // is not ours is never taken over), applied. `get` also backs the autoscaler's
-    // replica counts when its cache misses.
+    // replica counts when its cache misses, and reads a scale target; the metadata-only
+    // watch of scale targets is a list and a watch too.
     rule(
         "apps",
         &["deployments"],
         &[Call::Get, Call::Watch, Call::Apply],
         Scope::Watched,
     ),
-    // The autoscaler and wakes: read, replace with a resourceVersion, or merge-patch.
+    // StatefulSets are only ever scale targets: read (GET, metadata-only watch), never
+    // written.
     rule(
         "apps",
-        &["deployments/scale"],
+        &["statefulsets"],
+        &[Call::Get, Call::Watch],
+        Scope::Watched,
+    ),
+    // The autoscaler and wakes: read, replace with a resourceVersion, or merge-patch; the
+    // reconciler gives a target its replicas back the same way.
+    rule(
+        "apps",
+        &["deployments/scale", "statefulsets/scale"],
         &[Call::Get, Call::Update, Call::Patch],
         Scope::Watched,
     ),
@@ -156,8 +170,9 @@ pub const OPERATOR_RULES: &[Rule] = &[
         Scope::OwnNamespace,
     ),
     rule("", &["services"], &[Call::Watch], Scope::OwnNamespace),
-    // Startup failures (image pull, crash loop, unschedulable) come from the pods.
-    rule("", &["pods"], &[Call::Watch], Scope::Watched),
+    // Startup failures (image pull, crash loop, unschedulable) come from the pods: the
+    // Functions' own from a watch, a scale target's from a list by its selector.
+    rule("", &["pods"], &[Call::Watch, Call::List], Scope::Watched),
     // kube's event Recorder creates an Event and patches its series on repeats.
     rule(
         "events.k8s.io",
@@ -188,10 +203,11 @@ pub const ACTIVATOR_RULES: &[Rule] = &[
         &[Call::Watch],
         Scope::Watched,
     ),
-    // A wake from zero: read the scale, replace it with the read resourceVersion.
+    // A wake from zero: read the scale, replace it with the read resourceVersion (of the
+    // Function's Deployment, or of its scale target).
     rule(
         "apps",
-        &["deployments/scale"],
+        &["deployments/scale", "statefulsets/scale"],
         &[Call::Get, Call::Update],
         Scope::Watched,
     ),
@@ -242,8 +258,10 @@ mod tests {
         }
     }
 
+    /// A Function's finalizer is a patch of the Function; `functions/finalizers` is only
+    /// asked for by `blockOwnerDeletion`, which zeroscale never sets.
     #[test]
-    fn nothing_is_deleted_and_no_finalizers_are_touched() {
+    fn nothing_is_deleted_and_no_finalizers_subresource_is_needed() {
         for rule in OPERATOR_RULES.iter().chain(ACTIVATOR_RULES) {
             assert!(!rule.verbs().contains(&"delete"), "{rule:?}");
             assert!(
@@ -255,13 +273,8 @@ mod tests {
             let mut f = crate::api::Function::new(
                 "hello",
                 crate::api::FunctionSpec {
-                    template: crate::api::PodTemplate::default(),
-                    port: None,
-                    hosts: vec![],
-                    scale: None,
-                    timeouts: None,
-                    queue: None,
-                    undecodable: None,
+                    template: Some(crate::api::PodTemplate::default()),
+                    ..crate::api::FunctionSpec::default()
                 },
             );
             f.metadata.uid = Some("uid".into());

@@ -1,9 +1,10 @@
 //! The pure "status" step: what a Function's status should say, from what the reconcile
-//! saw (its Deployment, its pods, host claims, validation and apply outcomes). The
-//! `Active` condition's startup-failure reasons are what the activator fails fast on, so
-//! their messages carry the kubelet's own words.
+//! saw (its workload: its own Deployment or its scale target; their pods, host and
+//! target claims, validation and apply outcomes). The `Active` condition's
+//! startup-failure reasons are what the activator fails fast on, so their messages carry
+//! the kubelet's own words.
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::Serialize;
@@ -42,8 +43,64 @@ fn want(status: bool, reason: &str, message: impl Into<String>) -> Want {
     }
 }
 
-/// Why replicas cannot start, from the pods (kubelet reasons) or the Deployment.
-pub fn startup_failure(deployment: Option<&Deployment>, pods: &[&Pod]) -> Option<Want> {
+/// What the status reads of the workload whose pods serve a Function: the Function's own
+/// Deployment, or the Deployment or StatefulSet its `scaleTargetRef` names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadStatus {
+    /// Replicas asked for (`spec.replicas`, 1 when unset as the API server defaults it).
+    pub desired: i32,
+    /// Replicas that exist, ready or not.
+    pub replicas: i32,
+    pub ready: i32,
+    /// Why it stopped progressing (a Deployment's `ProgressDeadlineExceeded` message).
+    pub stalled: Option<String>,
+}
+
+impl From<&Deployment> for WorkloadStatus {
+    fn from(d: &Deployment) -> Self {
+        let s = d.status.as_ref();
+        let stalled = s
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+            .filter(|c| {
+                c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            })
+            .map(|c| {
+                c.message
+                    .clone()
+                    .unwrap_or_else(|| "the Deployment did not progress in time".into())
+            });
+        Self {
+            desired: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            replicas: s.and_then(|s| s.replicas).unwrap_or(0),
+            ready: s.and_then(|s| s.ready_replicas).unwrap_or(0),
+            stalled,
+        }
+    }
+}
+
+impl From<&StatefulSet> for WorkloadStatus {
+    fn from(d: &StatefulSet) -> Self {
+        let s = d.status.as_ref();
+        Self {
+            desired: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            replicas: s.map(|s| s.replicas).unwrap_or(0),
+            ready: s.and_then(|s| s.ready_replicas).unwrap_or(0),
+            stalled: None,
+        }
+    }
+}
+
+impl WorkloadStatus {
+    /// Whether every replica asked for exists and is ready (nothing starting or stopping,
+    /// so nothing for the pods to report).
+    pub fn settled(&self) -> bool {
+        self.desired == self.ready && self.replicas == self.ready
+    }
+}
+
+/// Why replicas cannot start, from the pods (kubelet reasons) or the workload.
+pub fn startup_failure(workload: Option<&WorkloadStatus>, pods: &[&Pod]) -> Option<Want> {
     for pod in pods {
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
@@ -112,48 +169,42 @@ pub fn startup_failure(deployment: Option<&Deployment>, pods: &[&Pod]) -> Option
             }
         }
     }
-    let progressing = deployment
-        .and_then(|d| d.status.as_ref())
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))?;
-    (progressing.status == "False"
-        && progressing.reason.as_deref() == Some("ProgressDeadlineExceeded"))
-    .then(|| {
-        want(
-            false,
-            "ProgressDeadlineExceeded",
-            progressing
-                .message
-                .clone()
-                .unwrap_or_else(|| "the Deployment did not progress in time".into()),
-        )
-    })
+    let stalled = workload?.stalled.as_ref()?;
+    Some(want(false, "ProgressDeadlineExceeded", stalled.clone()))
 }
 
-/// Replica counts of the Deployment: (asked for, existing, ready).
-pub fn replica_counts(deployment: Option<&Deployment>) -> (i32, i32, i32) {
-    let Some(d) = deployment else {
-        return (0, 0, 0);
-    };
-    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let s = d.status.as_ref();
-    (
-        desired,
-        s.and_then(|s| s.replicas).unwrap_or(0),
-        s.and_then(|s| s.ready_replicas).unwrap_or(0),
-    )
+/// Replica counts of the workload: (asked for, existing, ready).
+pub fn replica_counts(workload: Option<&WorkloadStatus>) -> (i32, i32, i32) {
+    workload.map_or((0, 0, 0), |w| (w.desired, w.replicas, w.ready))
+}
+
+/// Why a Function cannot run at all, whatever its replicas: its template is invalid, or
+/// it does not hold its scale target. Lands on `Active` (and so `Ready`) with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrunnable {
+    pub reason: String,
+    pub message: String,
+}
+
+impl Unrunnable {
+    pub fn new(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
 }
 
 /// The `Active` condition.
 pub fn active(
-    deployment: Option<&Deployment>,
+    workload: Option<&WorkloadStatus>,
     pods: &[&Pod],
-    invalid_template: Option<&str>,
+    unrunnable: Option<&Unrunnable>,
 ) -> Want {
-    if let Some(message) = invalid_template {
-        return want(false, "InvalidTemplate", message);
+    if let Some(u) = unrunnable {
+        return want(false, &u.reason, u.message.clone());
     }
-    let (desired, _, ready) = replica_counts(deployment);
+    let (desired, _, ready) = replica_counts(workload);
     if ready > 0 {
         return want(
             true,
@@ -161,7 +212,7 @@ pub fn active(
             format!("{ready} of {desired} replicas ready"),
         );
     }
-    if let Some(failure) = startup_failure(deployment, pods) {
+    if let Some(failure) = startup_failure(workload, pods) {
         return failure;
     }
     if desired == 0 {
@@ -216,6 +267,8 @@ pub struct OperatorStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     pub replicas: i32,
     pub ready_replicas: i32,
     pub conditions: Vec<Condition>,
@@ -256,20 +309,23 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// The operator's status for a Function.
+/// The operator's status for a Function; `selector` selects the pods serving it (none
+/// while a Function does not hold its scale target).
 pub fn operator_status(
     function: &Function,
     cluster_domain: &str,
-    deployment: Option<&Deployment>,
+    workload: Option<&WorkloadStatus>,
+    selector: Option<String>,
     ready_want: &Want,
     active_want: &Want,
     now: Time,
 ) -> OperatorStatus {
     let generation = function.metadata.generation;
-    let (_, replicas, ready_replicas) = replica_counts(deployment);
+    let (_, replicas, ready_replicas) = replica_counts(workload);
     OperatorStatus {
         observed_generation: generation,
         url: function.url(cluster_domain),
+        selector,
         replicas,
         ready_replicas,
         conditions: vec![
@@ -298,6 +354,7 @@ pub fn status_up_to_date(function: &Function, want: &OperatorStatus) -> bool {
     };
     s.observed_generation == want.observed_generation
         && s.url.as_deref() == Some(want.url.as_str())
+        && s.selector == want.selector
         && s.replicas.unwrap_or(0) == want.replicas
         && s.ready_replicas.unwrap_or(0) == want.ready_replicas
         && want

@@ -5,6 +5,12 @@
 //! A Function's replicas are the EndpointSlices of its private Service `<name>-private`,
 //! found by the label the operator puts on that Service (the EndpointSlice controller
 //! copies a Service's labels onto its slices).
+//!
+//! What to scale comes from the Function watch this platform serves ([`Workload::of`]):
+//! a template Function's own Deployment `<name>`, or the Deployment or StatefulSet its
+//! `scaleTargetRef` names, but only while its status says it holds that target (a
+//! `selector` for the current generation, see `operator::target`). Until then (or when
+//! another Function has the target) its scale is "not found" and nothing is changed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::{Scale as KubeScale, ScaleSpec};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -28,7 +34,7 @@ use super::{
     AutoscalerStatus, Endpoint, EndpointsEvent, FunctionEvent, Platform, PlatformError, Scale,
     WakeOutcome,
 };
-use crate::api::{FUNCTION_LABEL, Function, FunctionKey};
+use crate::api::{FUNCTION_LABEL, Function, FunctionKey, TargetKind};
 
 /// The label (with value `private`) on a Function's private Service and so its slices.
 pub const PRIVATE_SERVICE_SELECTOR: &str = "zeroscale.dev/service=private";
@@ -40,6 +46,145 @@ pub const WAKE_FIELD_MANAGER: &str = "zeroscale-activator";
 /// The port name of the private Service (and so of its slices).
 const PORT_NAME: &str = "http";
 
+/// The workload (Deployment or StatefulSet) `kind` in `namespace`, untyped: both have a
+/// scale subresource, and the fields zeroscale reads have the same paths in both.
+pub fn workload_api(
+    client: &kube::Client,
+    namespace: &str,
+    kind: TargetKind,
+) -> Api<kube::api::DynamicObject> {
+    let resource = match kind {
+        TargetKind::Deployment => kube::api::ApiResource::erase::<Deployment>(&()),
+        TargetKind::StatefulSet => kube::api::ApiResource::erase::<StatefulSet>(&()),
+    };
+    Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
+/// Where a Function's replicas are, as its object says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// Its own Deployment `<name>`, pods labelled `zeroscale.dev/function=<name>`.
+    Own,
+    /// The target it holds, and the selector of the target's pods.
+    Target {
+        kind: TargetKind,
+        name: String,
+        selector: String,
+    },
+    /// A target it does not hold (yet, or any more), or is giving back: never scaled.
+    Unheld,
+}
+
+impl Workload {
+    pub fn of(f: &Function) -> Self {
+        let Some(target) = &f.spec.scale_target_ref else {
+            return Workload::Own;
+        };
+        let Some(kind) = TargetKind::parse(&target.kind).filter(|_| f.spec.template.is_none())
+        else {
+            return Workload::Unheld;
+        };
+        let status = f.status.as_ref();
+        let current = status.and_then(|s| s.observed_generation) == f.metadata.generation;
+        match status.and_then(|s| s.selector.clone()) {
+            Some(selector)
+                if current && !selector.is_empty() && f.metadata.deletion_timestamp.is_none() =>
+            {
+                Workload::Target {
+                    kind,
+                    name: target.name.clone(),
+                    selector,
+                }
+            }
+            _ => Workload::Unheld,
+        }
+    }
+}
+
+/// The Functions' workloads other than [`Workload::Own`], from the Function watch.
+type Workloads = Arc<std::sync::RwLock<HashMap<FunctionKey, Workload>>>;
+
+fn note_workloads(workloads: &Workloads, event: &FunctionEvent) {
+    let mut map = workloads.write().unwrap_or_else(|p| p.into_inner());
+    let mut put = |f: &Function| match Workload::of(f) {
+        Workload::Own => {
+            map.remove(&f.key());
+        }
+        other => {
+            map.insert(f.key(), other);
+        }
+    };
+    match event {
+        FunctionEvent::Applied(f) => put(f),
+        FunctionEvent::Deleted(key) => {
+            map.remove(key);
+        }
+        FunctionEvent::Reset(all) => {
+            let mut fresh = HashMap::new();
+            for f in all {
+                let w = Workload::of(f);
+                if w != Workload::Own {
+                    fresh.insert(f.key(), w);
+                }
+            }
+            *map = fresh;
+        }
+    }
+}
+
+/// (namespace, name) -> resourceVersion of every object of one kind in scope, from a
+/// metadata watch; `None` until listed.
+type Versions = Arc<std::sync::RwLock<Option<HashMap<(String, String), String>>>>;
+
+/// Targets' scales without a GET per Function per tick: a metadata-only watch of each
+/// target kind (started when the first target of that kind is read) says when an object
+/// changed, and the last GET of a target stays good while its resourceVersion does. An
+/// idle target costs no request at all; memory is a name and a version per object of
+/// that kind in the watched namespaces.
+#[derive(Default)]
+struct TargetScales {
+    versions: [std::sync::OnceLock<Versions>; 2],
+    last: std::sync::Mutex<HashMap<(TargetKind, String, String), Scale>>,
+}
+
+/// Keeps `versions` current from a metadata-only watch of `api` (on its own task).
+fn follow_versions<K>(api: Api<K>, versions: Versions, kind: TargetKind)
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Send + Sync + 'static,
+{
+    let mut relist: Option<HashMap<(String, String), String>> = None;
+    let id = |m: &K| (m.namespace().unwrap_or_default(), m.name_any());
+    let rv = |m: &K| m.resource_version().unwrap_or_default();
+    let events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .for_each(move |event| {
+            let mut map = versions.write().unwrap_or_else(|p| p.into_inner());
+            match event {
+                Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
+                Ok(watcher::Event::InitApply(m)) => {
+                    relist
+                        .get_or_insert_with(HashMap::new)
+                        .insert(id(&m), rv(&m));
+                }
+                Ok(watcher::Event::InitDone) => *map = Some(relist.take().unwrap_or_default()),
+                Ok(watcher::Event::Apply(m)) => {
+                    if let Some(map) = map.as_mut() {
+                        map.insert(id(&m), rv(&m));
+                    }
+                }
+                Ok(watcher::Event::Delete(m)) => {
+                    if let Some(map) = map.as_mut() {
+                        map.remove(&id(&m));
+                    }
+                }
+                Err(e) => warn!(error = %e, %kind, "watching targets (retrying)"),
+            }
+            std::future::ready(())
+        });
+    tokio::spawn(events);
+}
+
 /// Functions, endpoints and scale through the Kubernetes API.
 #[derive(Clone)]
 pub struct KubePlatform {
@@ -50,6 +195,9 @@ pub struct KubePlatform {
     /// Function's scale each tick, and a GET per Function per second would load the API
     /// server with the Function count.
     deployment_cache: Option<Arc<std::sync::OnceLock<Store<Deployment>>>>,
+    /// Scales of targets, when the Deployment cache is enabled.
+    target_scales: Option<Arc<TargetScales>>,
+    workloads: Workloads,
 }
 
 impl KubePlatform {
@@ -62,7 +210,109 @@ impl KubePlatform {
             namespace,
             recorder,
             deployment_cache: None,
+            target_scales: None,
+            workloads: Workloads::default(),
         }
+    }
+
+    /// What to scale for a Function: its own Deployment unless the Function watch said
+    /// it names a target (a Function this platform has not seen yet is a template one).
+    pub fn workload(&self, key: &FunctionKey) -> Workload {
+        self.workloads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+            .unwrap_or(Workload::Own)
+    }
+
+    /// The kind and name whose scale subresource holds a Function's replicas.
+    fn scaled(&self, key: &FunctionKey) -> Result<(TargetKind, String), PlatformError> {
+        match self.workload(key) {
+            Workload::Own => Ok((TargetKind::Deployment, key.name.clone())),
+            Workload::Target { kind, name, .. } => Ok((kind, name)),
+            Workload::Unheld => Err(PlatformError::NotFound(key.clone())),
+        }
+    }
+
+    fn versions(&self, kind: TargetKind) -> Option<Versions> {
+        let cache = self.target_scales.as_ref()?;
+        let slot = match kind {
+            TargetKind::Deployment => 0,
+            TargetKind::StatefulSet => 1,
+        };
+        Some(
+            cache.versions[slot]
+                .get_or_init(|| {
+                    let versions: Versions = Arc::default();
+                    match kind {
+                        TargetKind::Deployment => follow_versions(
+                            self.all::<kube::core::PartialObjectMeta<Deployment>>(),
+                            versions.clone(),
+                            kind,
+                        ),
+                        TargetKind::StatefulSet => follow_versions(
+                            self.all::<kube::core::PartialObjectMeta<StatefulSet>>(),
+                            versions.clone(),
+                            kind,
+                        ),
+                    }
+                    versions
+                })
+                .clone(),
+        )
+    }
+
+    /// A target's scale: the last read while its resourceVersion is unchanged, else a GET.
+    async fn target_scale(
+        &self,
+        key: &FunctionKey,
+        kind: TargetKind,
+        name: &str,
+    ) -> Result<Scale, PlatformError> {
+        let id = (kind, key.namespace.clone(), name.to_string());
+        let known = self.versions(kind).and_then(|v| {
+            let map = v.read().unwrap_or_else(|p| p.into_inner());
+            map.as_ref()
+                .map(|m| m.get(&(key.namespace.clone(), name.to_string())).cloned())
+        });
+        let cache = self.target_scales.as_ref();
+        match (&known, cache) {
+            // Listed and absent: it does not exist.
+            (Some(None), _) => return Err(PlatformError::NotFound(key.clone())),
+            (Some(Some(version)), Some(cache)) => {
+                let last = cache.last.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(s) = last
+                    .get(&id)
+                    .filter(|s| s.version.as_ref() == Some(version))
+                {
+                    return Ok(s.clone());
+                }
+            }
+            _ => {}
+        }
+        let object = workload_api(&self.client, &key.namespace, kind)
+            .get(name)
+            .await
+            .map_err(|e| map_err(key, e))?;
+        let count = |v: &serde_json::Value| {
+            u32::try_from(v.as_i64().unwrap_or(0).max(0)).unwrap_or(u32::MAX)
+        };
+        let scale = Scale {
+            desired: object.data["spec"]["replicas"]
+                .as_i64()
+                .map_or(1, |_| count(&object.data["spec"]["replicas"])),
+            ready: count(&object.data["status"]["readyReplicas"]),
+            version: object.metadata.resource_version.clone(),
+        };
+        if let Some(cache) = cache {
+            cache
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, scale.clone());
+        }
+        Ok(scale)
     }
 
     /// Answers [`Platform::scale`] from a watch of the Functions' Deployments (started on
@@ -71,6 +321,7 @@ impl KubePlatform {
     /// the resourceVersion it read.
     pub fn with_deployment_cache(mut self) -> Self {
         self.deployment_cache = Some(Arc::new(std::sync::OnceLock::new()));
+        self.target_scales = Some(Arc::default());
         self
     }
 
@@ -132,11 +383,11 @@ fn post_params(manager: &str) -> PostParams {
     }
 }
 
-fn scale_object(key: &FunctionKey, replicas: u32, version: Option<&str>) -> KubeScale {
+fn scale_object(namespace: &str, name: &str, replicas: u32, version: Option<&str>) -> KubeScale {
     KubeScale {
         metadata: ObjectMeta {
-            name: Some(key.name.clone()),
-            namespace: Some(key.namespace.clone()),
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
             resource_version: version.map(str::to_string),
             ..ObjectMeta::default()
         },
@@ -291,6 +542,7 @@ impl EndpointsState {
 impl Platform for KubePlatform {
     fn functions(&self) -> BoxStream<'static, FunctionEvent> {
         let mut state = FunctionRelist::default();
+        let workloads = self.workloads.clone();
         watcher(self.all::<Function>(), watcher::Config::default())
             .default_backoff()
             .filter_map(move |event| {
@@ -301,6 +553,9 @@ impl Platform for KubePlatform {
                         None
                     }
                 };
+                if let Some(event) = &out {
+                    note_workloads(&workloads, event);
+                }
                 std::future::ready(out)
             })
             .boxed()
@@ -325,23 +580,21 @@ impl Platform for KubePlatform {
     }
 
     async fn wake(&self, key: &FunctionKey, replicas: u32) -> Result<WakeOutcome, PlatformError> {
-        let api = self.deployments(key);
+        let (kind, name) = self.scaled(key)?;
+        let api = workload_api(&self.client, &key.namespace, kind);
         // A conflict means someone else changed the scale between our read and write:
         // read again; it is almost always a concurrent wake.
         for _ in 0..3 {
-            let current = api
-                .get_scale(&key.name)
-                .await
-                .map_err(|e| map_err(key, e))?;
+            let current = api.get_scale(&name).await.map_err(|e| map_err(key, e))?;
             if current.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0 {
                 return Ok(WakeOutcome::AlreadyAwake);
             }
             let version = current.metadata.resource_version.as_deref();
             match api
                 .replace_scale(
-                    &key.name,
+                    &name,
                     &post_params(WAKE_FIELD_MANAGER),
-                    &scale_object(key, replicas, version),
+                    &scale_object(&key.namespace, &name, replicas, version),
                 )
                 .await
             {
@@ -357,6 +610,10 @@ impl Platform for KubePlatform {
     }
 
     async fn scale(&self, key: &FunctionKey) -> Result<Scale, PlatformError> {
+        let (kind, name) = self.scaled(key)?;
+        if kind != TargetKind::Deployment || name != key.name {
+            return self.target_scale(key, kind, &name).await;
+        }
         let d = match self.cached_deployment(key) {
             Some(d) => d,
             None => Arc::new(
@@ -381,19 +638,20 @@ impl Platform for KubePlatform {
         expected_version: Option<&str>,
         reason: &str,
     ) -> Result<(), PlatformError> {
-        let api = self.deployments(key);
+        let (kind, name) = self.scaled(key)?;
+        let api = workload_api(&self.client, &key.namespace, kind);
         let result = match expected_version {
             Some(version) => api
                 .replace_scale(
-                    &key.name,
+                    &name,
                     &post_params(AUTOSCALER_FIELD_MANAGER),
-                    &scale_object(key, replicas, Some(version)),
+                    &scale_object(&key.namespace, &name, replicas, Some(version)),
                 )
                 .await
                 .map(|_| ()),
             None => api
                 .patch_scale(
-                    &key.name,
+                    &name,
                     &PatchParams {
                         field_manager: Some(AUTOSCALER_FIELD_MANAGER.into()),
                         ..PatchParams::default()
@@ -403,6 +661,16 @@ impl Platform for KubePlatform {
                 .await
                 .map(|_| ()),
         };
+        if let (Err(e), Some(cache)) = (&result, &self.target_scales)
+            && conflict(e)
+        {
+            // What was read is stale: read it again next time.
+            cache
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(kind, key.namespace.clone(), name.clone()));
+        }
         result.map_err(|e| map_err(key, e))?;
         let event = Event {
             type_: EventType::Normal,
@@ -430,12 +698,15 @@ impl Platform for KubePlatform {
     }
 
     async fn stopping_replicas(&self, key: &FunctionKey) -> Result<Vec<IpAddr>, PlatformError> {
+        let selector = match self.workload(key) {
+            Workload::Own => format!("{FUNCTION_LABEL}={}", key.name),
+            Workload::Target { selector, .. } => selector,
+            Workload::Unheld => return Ok(Vec::new()),
+        };
         let pods: Api<k8s_openapi::api::core::v1::Pod> =
             Api::namespaced(self.client.clone(), &key.namespace);
         let list = pods
-            .list(
-                &kube::api::ListParams::default().labels(&format!("{FUNCTION_LABEL}={}", key.name)),
-            )
+            .list(&kube::api::ListParams::default().labels(&selector))
             .await
             .map_err(|e| map_err(key, e))?;
         Ok(list
@@ -605,13 +876,8 @@ mod tests {
         let f = Function::new(
             "hello",
             crate::api::FunctionSpec {
-                template: crate::api::PodTemplate::default(),
-                port: None,
-                hosts: vec![],
-                scale: None,
-                timeouts: None,
-                queue: None,
-                undecodable: None,
+                template: Some(crate::api::PodTemplate::default()),
+                ..crate::api::FunctionSpec::default()
             },
         );
         assert!(state.handle(watcher::Event::Init).is_none());
@@ -624,5 +890,54 @@ mod tests {
             state.handle(watcher::Event::Delete(f)),
             Some(FunctionEvent::Deleted(_))
         ));
+    }
+
+    #[test]
+    fn a_target_is_scaled_only_while_the_status_says_the_function_holds_it() {
+        let function = |spec: serde_json::Value, status: serde_json::Value| -> Function {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
+                "metadata": {"name": "f", "namespace": "default", "generation": 2},
+                "spec": spec, "status": status,
+            }))
+            .unwrap()
+        };
+        let target = serde_json::json!({"scaleTargetRef": {"kind": "Deployment", "name": "web"},
+                                         "port": 8080});
+        let held = serde_json::json!({"observedGeneration": 2, "selector": "app=web"});
+        assert_eq!(
+            Workload::of(&function(
+                serde_json::json!({"template": {"spec": {"containers": [{"name": "a"}]}}}),
+                serde_json::json!({})
+            )),
+            Workload::Own
+        );
+        assert_eq!(
+            Workload::of(&function(target.clone(), held.clone())),
+            Workload::Target {
+                kind: TargetKind::Deployment,
+                name: "web".into(),
+                selector: "app=web".into()
+            }
+        );
+        // Not (yet) held, or held for an older spec (which may have named another target).
+        for status in [
+            serde_json::json!({}),
+            serde_json::json!({"observedGeneration": 2}),
+            serde_json::json!({"observedGeneration": 1, "selector": "app=web"}),
+        ] {
+            assert_eq!(
+                Workload::of(&function(target.clone(), status)),
+                Workload::Unheld
+            );
+        }
+        // Being deleted: the operator is giving it back.
+        let mut leaving = function(target.clone(), held.clone());
+        leaving.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        assert_eq!(Workload::of(&leaving), Workload::Unheld);
+        // An invalid spec with both never scales the target.
+        let mut both = target.clone();
+        both["template"] = serde_json::json!({"spec": {"containers": [{"name": "a"}]}});
+        assert_eq!(Workload::of(&function(both, held)), Workload::Unheld);
     }
 }

@@ -58,6 +58,9 @@ pub struct LocalSettings {
 pub enum ApplyError {
     #[error("{0}")]
     Invalid(#[from] ValidationErrors),
+    /// Valid, but not something a local platform can run (one line, for the user).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// What [`LocalPlatform::apply`] did.
@@ -192,6 +195,12 @@ impl LocalPlatform {
     pub fn apply(&self, mut function: Function, base_dir: &Path) -> Result<Applied, ApplyError> {
         let key = function.key();
         let config = FunctionConfig::resolve(&function.spec, &self.inner.settings.defaults)?;
+        if let Some(target) = config.target() {
+            return Err(ApplyError::Unsupported(format!(
+                "unsupported in dev: spec.scaleTargetRef names {target}, whose pods only a \
+                 cluster runs (dev runs a Function's own template)"
+            )));
+        }
         let template = match ReplicaTemplate::from_config(&key, &config, base_dir) {
             Ok((t, warnings)) => {
                 for w in warnings {
@@ -480,6 +489,7 @@ fn compute_status(entry: &Entry, url: String) -> FunctionStatus {
     FunctionStatus {
         observed_generation: generation,
         url: Some(url),
+        selector: None,
         replicas: Some(entry.view.replicas as i32),
         ready_replicas: Some(ready as i32),
         desired_replicas: Some(

@@ -356,19 +356,31 @@ impl Drop for TestNamespace {
     }
 }
 
-/// Deletes what a crashed earlier run left: its namespaces, and any install it made.
-pub fn remove_leftovers() {
-    let _ = kubectl(
-        &[
-            "delete",
-            "namespace",
-            "-l",
-            &format!("{E2E_LABEL}=true"),
-            "--wait=false",
-            "--ignore-not-found",
-        ],
-        None,
-    );
+/// Deletes what a crashed earlier run left: its namespaces (an install's too), once they
+/// are an hour old, so that runs sharing a cluster never delete each other's.
+pub async fn remove_leftovers(cluster: &Cluster) {
+    let api: Api<Namespace> = Api::all(cluster.client.clone());
+    let Ok(list) = api
+        .list(&ListParams::default().labels(&format!("{E2E_LABEL}=true")))
+        .await
+    else {
+        return;
+    };
+    let hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+    for ns in list.items {
+        let old = ns
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| t.0 < hour_ago);
+        if old && ns.metadata.deletion_timestamp.is_none() {
+            eprintln!(
+                "deleting namespace {} left by an earlier run",
+                ns.name_any()
+            );
+            let _ = api.delete(&ns.name_any(), &DeleteParams::default()).await;
+        }
+    }
 }
 
 /// How zeroscale was installed.
@@ -567,11 +579,13 @@ impl Drop for Install {
 }
 
 /// Waits until an install's namespace is gone, so the next install may reuse its names.
+/// The namespace controller retries with a growing back-off while pods still stop, so
+/// the last step can come minutes after the namespace emptied.
 pub async fn wait_namespace_gone(cluster: &Cluster, name: &str) {
     let api: Api<Namespace> = Api::all(cluster.client.clone());
     eventually(
         &format!("namespace {name} to be deleted"),
-        Duration::from_secs(180),
+        Duration::from_secs(600),
         || {
             let api = api.clone();
             async move { api.get_opt(name).await.ok()?.is_none().then_some(()) }
@@ -811,6 +825,51 @@ pub async fn gateway(cluster: &Cluster, install: &Install, namespace: &str, name
             "-n",
             &install.namespace,
             &format!("svc/{}", install.activator),
+            &format!("{port}:80"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl port-forward runs");
+    Gateway {
+        addr: format!("127.0.0.1:{port}").parse().expect("an address"),
+        host,
+        _forward: Some(child),
+    }
+}
+
+/// A gateway to an ordinary Service of the user's (port 80): its ClusterIP where the
+/// stand-in proxies them, else a port-forward to it.
+pub async fn service_gateway(cluster: &Cluster, namespace: &str, name: &str) -> Gateway {
+    let host = format!("{name}.{namespace}.svc.cluster.local");
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
+    let ip = eventually(
+        &format!("Service {namespace}/{name} to have a ClusterIP"),
+        Duration::from_secs(60),
+        || {
+            let services = services.clone();
+            async move {
+                let s = services.get_opt(name).await.ok().flatten()?;
+                s.spec?
+                    .cluster_ip
+                    .filter(|ip| ip != "None" && !ip.is_empty())
+            }
+        },
+    )
+    .await;
+    if cluster.standin {
+        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("an address").port()
+    };
+    let child = Command::new("kubectl")
+        .args([
+            "port-forward",
+            "-n",
+            namespace,
+            &format!("svc/{name}"),
             &format!("{port}:80"),
         ])
         .stdout(Stdio::null())

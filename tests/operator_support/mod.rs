@@ -1,6 +1,8 @@
 //! A small fake API server for the operator's tests, behind kube's client (tower-test
-//! mock): it stores what is applied (merged, with a resourceVersion), answers GETs and
-//! LISTs, holds WATCHes open, accepts Events, and fails the requests a test scripts.
+//! mock): it stores what is applied (with a resourceVersion), answers GETs and
+//! LISTs, holds WATCHes open, accepts Events, serves the scale subresource (GET, and PUT
+//! with a resourceVersion precondition), applies the JSON patches of finalizers, and
+//! fails the requests a test scripts.
 
 #![allow(dead_code)]
 
@@ -26,7 +28,7 @@ impl Call {
     }
 }
 
-/// A small API server: stores what is applied (merged, with a resourceVersion), answers
+/// A small API server: stores what is applied (with a resourceVersion), answers
 /// GETs, accepts Events, and fails the requests a test scripts.
 #[derive(Default)]
 pub struct FakeApi {
@@ -63,6 +65,7 @@ fn status_body(code: u16, message: &str) -> Value {
 
 const COLLECTIONS: &[&str] = &[
     "deployments",
+    "statefulsets",
     "services",
     "endpointslices",
     "pods",
@@ -136,6 +139,9 @@ impl FakeApi {
             return (code, status_body(code, &message));
         }
         let mut objects = self.objects.lock().unwrap();
+        if let Some(parent) = call.path.strip_suffix("/scale") {
+            return self.scale(&mut objects, parent, call);
+        }
         match call.method.as_str() {
             "GET" if is_collection(&call.path) => (200, list(&objects, call)),
             "GET" => match objects.get(&call.path) {
@@ -158,6 +164,15 @@ impl FakeApi {
                 merge(object, &json!({"status": call.body["status"]}));
                 (200, object.clone())
             }
+            "PATCH" if call.body.is_array() => {
+                let Some(object) = objects.get_mut(&call.path) else {
+                    return (404, status_body(404, "not found"));
+                };
+                match json_patch(object, &call.body) {
+                    Ok(()) => (200, object.clone()),
+                    Err(message) => (422, status_body(422, &message)),
+                }
+            }
             "PATCH" => {
                 let mut version = self.version.lock().unwrap();
                 let existing = objects.get(&call.path).cloned();
@@ -169,8 +184,21 @@ impl FakeApi {
                         return (409, status_body(409, "the object has been modified"));
                     }
                 }
-                let mut object = existing.unwrap_or(json!({}));
-                merge(&mut object, &call.body);
+                // Server-side apply by the only applier of these objects: what it no longer
+                // sends goes, but the status and a `spec.replicas` that another manager
+                // (the autoscaler) owns stay.
+                let mut object = call.body.clone();
+                if let Some(existing) = &existing {
+                    if !existing["status"].is_null() {
+                        object["status"] = existing["status"].clone();
+                    }
+                    if object["spec"].is_object()
+                        && object["spec"].get("replicas").is_none()
+                        && !existing["spec"]["replicas"].is_null()
+                    {
+                        object["spec"]["replicas"] = existing["spec"]["replicas"].clone();
+                    }
+                }
                 *version += 1;
                 object["metadata"]["resourceVersion"] = json!(version.to_string());
                 object["metadata"]["uid"] = json!(format!("uid-{}", call.path.len()));
@@ -179,6 +207,44 @@ impl FakeApi {
             }
             _ => (405, status_body(405, "method not allowed")),
         }
+    }
+
+    /// The scale subresource of a Deployment or StatefulSet at `parent`.
+    fn scale(
+        &self,
+        objects: &mut HashMap<String, Value>,
+        parent: &str,
+        call: &Call,
+    ) -> (u16, Value) {
+        let Some(object) = objects.get_mut(parent) else {
+            return (404, status_body(404, "not found"));
+        };
+        if call.method == "PUT" {
+            let have = object["metadata"]["resourceVersion"]
+                .as_str()
+                .map(String::from);
+            let want = call.body["metadata"]["resourceVersion"]
+                .as_str()
+                .map(String::from);
+            if want.is_some() && want != have {
+                return (409, status_body(409, "the object has been modified"));
+            }
+            let mut version = self.version.lock().unwrap();
+            *version += 1;
+            object["spec"]["replicas"] = call.body["spec"]["replicas"].clone();
+            object["metadata"]["resourceVersion"] = json!(version.to_string());
+        } else if call.method != "GET" {
+            return (405, status_body(405, "method not allowed"));
+        }
+        let meta = &object["metadata"];
+        (
+            200,
+            json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                   "metadata": {"name": meta["name"], "namespace": meta["namespace"],
+                                "uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
+                   "spec": {"replicas": object["spec"]["replicas"]},
+                   "status": {"replicas": object["status"]["replicas"].as_i64().unwrap_or(0)}}),
+        )
     }
 
     /// Waits (bounded) until `check` holds after some request.
@@ -205,6 +271,56 @@ impl FakeApi {
         let o = self.objects.lock().unwrap().get(path).cloned()?;
         Some(serde_json::from_value(o).expect("a valid object"))
     }
+}
+
+/// Applies a JSON patch (`test`, `add`, `remove`; what finalizer patches use).
+fn json_patch(object: &mut Value, ops: &Value) -> Result<(), String> {
+    let mut patched = object.clone();
+    for op in ops.as_array().into_iter().flatten() {
+        let path = op["path"].as_str().unwrap_or_default();
+        let (parent_path, last) = path.rsplit_once('/').unwrap_or(("", path));
+        match op["op"].as_str() {
+            Some("test") => {
+                let have = patched.pointer(path).cloned().unwrap_or(Value::Null);
+                if have != op["value"] {
+                    return Err(format!("test of {path} failed: {have} != {}", op["value"]));
+                }
+            }
+            Some("add") => {
+                let parent = patched
+                    .pointer_mut(parent_path)
+                    .ok_or_else(|| format!("no {parent_path}"))?;
+                match parent {
+                    Value::Array(items) if last == "-" => items.push(op["value"].clone()),
+                    Value::Object(map) => {
+                        map.insert(last.to_string(), op["value"].clone());
+                    }
+                    _ => return Err(format!("cannot add at {path}")),
+                }
+            }
+            Some("remove") => {
+                let parent = patched
+                    .pointer_mut(parent_path)
+                    .ok_or_else(|| format!("no {parent_path}"))?;
+                match parent {
+                    Value::Array(items) => {
+                        let i: usize = last.parse().map_err(|_| format!("bad index {last}"))?;
+                        if i >= items.len() {
+                            return Err(format!("no {path}"));
+                        }
+                        items.remove(i);
+                    }
+                    Value::Object(map) => {
+                        map.remove(last).ok_or_else(|| format!("no {path}"))?;
+                    }
+                    _ => return Err(format!("cannot remove {path}")),
+                }
+            }
+            other => return Err(format!("unsupported op {other:?}")),
+        }
+    }
+    *object = patched;
+    Ok(())
 }
 
 /// A client whose requests the fake API answers.

@@ -112,9 +112,10 @@ into a ClusterRole, or a Role per watched namespace; "local" rules into a Role i
 release namespace.
 */}}
 {{- define "zeroscale.operator.watchedRules" -}}
+{{- /* patch: the finalizer of a Function that scales an existing workload. */}}
 - apiGroups: ["zeroscale.dev"]
   resources: ["functions"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "patch", "watch"]
 - apiGroups: ["zeroscale.dev"]
   resources: ["functions/status"]
   verbs: ["patch"]
@@ -122,8 +123,12 @@ release namespace.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["create", "get", "list", "patch", "watch"]
+{{- /* StatefulSets are only read: they can be a Function's scale target. */}}
 - apiGroups: ["apps"]
-  resources: ["deployments/scale"]
+  resources: ["statefulsets"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["apps"]
+  resources: ["deployments/scale", "statefulsets/scale"]
   verbs: ["get", "patch", "update"]
 - apiGroups: [""]
   resources: ["services"]
@@ -159,7 +164,7 @@ release namespace.
   resources: ["endpointslices"]
   verbs: ["list", "watch"]
 - apiGroups: ["apps"]
-  resources: ["deployments/scale"]
+  resources: ["deployments/scale", "statefulsets/scale"]
   verbs: ["get", "update"]
 - apiGroups: [""]
   resources: ["pods"]

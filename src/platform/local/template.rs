@@ -133,7 +133,7 @@ impl ReplicaTemplate {
         base_dir: &Path,
     ) -> Result<(Self, Vec<String>), TemplateError> {
         let mut warnings = Vec::new();
-        let pod = config.template.spec.as_ref();
+        let pod = config.template().and_then(|t| t.spec.as_ref());
         let container = pod
             .and_then(|s| s.containers.first())
             .ok_or_else(|| template_error("spec.template.spec.containers", "is empty"))?;
