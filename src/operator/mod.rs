@@ -5,6 +5,7 @@
 
 pub mod activators;
 pub mod build;
+pub mod cache;
 pub mod leader;
 pub mod metrics;
 pub mod rbac;
@@ -16,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -226,8 +227,12 @@ pub async fn run(config: Config) -> crate::Result<()> {
         }
         metrics.leader.set(1);
         let work = shutdown.child_token();
+        let (deployments, deployment_writer) = deployment_cache();
         let autoscaler = crate::autoscaler::Autoscaler::new(
-            Arc::new(KubePlatform::new(client.clone(), namespace.clone()).with_deployment_cache()),
+            Arc::new(
+                KubePlatform::new(client.clone(), namespace.clone())
+                    .with_deployment_store(deployments),
+            ),
             Arc::new(crate::autoscaler::collector::HttpSource::new(
                 client.clone(),
                 activator_ns.clone(),
@@ -259,6 +264,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
                         identity: identity.clone(),
                         slice_writes_per_second: config.slice_writes_per_second,
                     },
+                    deployment_writer,
                     metrics.clone(),
                     work.clone(),
                 )
@@ -333,11 +339,25 @@ pub struct ControllerArgs {
     pub slice_writes_per_second: u32,
 }
 
+/// The cache of the Functions' Deployments, one for the whole operator: the reconciler's
+/// watch fills it (through the writer given to [`run_controller`]) and the autoscaler
+/// reads scales from it (`KubePlatform::with_deployment_store`).
+pub fn deployment_cache() -> (
+    Store<cache::Packed<Deployment>>,
+    reflector::store::Writer<cache::Packed<Deployment>>,
+) {
+    reflector::store()
+}
+
 /// Runs the reconcile controller and the activator-endpoints follower until `stop`
 /// (the leader's work, besides the autoscaler).
+///
+/// `deployment_writer` fills the Deployment cache the reconciler reads, which the
+/// autoscaler shares (see [`deployment_cache`]).
 pub async fn run_controller(
     client: kube::Client,
     args: ControllerArgs,
+    deployment_writer: reflector::store::Writer<cache::Packed<Deployment>>,
     metrics: metrics::Metrics,
     stop: CancellationToken,
 ) {
@@ -351,26 +371,38 @@ pub async fn run_controller(
     let ns = namespace.as_deref();
     let labelled = watcher::Config::default().labels(FUNCTION_LABEL);
 
-    let (deployments, writer) = reflector::store::<Deployment>();
+    // Every cached object is trimmed to what is read before it is stored, and the
+    // objects a Function owns are packed (see `cache`).
+    let deployments = deployment_writer.as_reader();
     let deployment_events = reflector::reflector(
-        writer,
-        watcher(api(&client, ns), labelled.clone()).default_backoff(),
+        deployment_writer,
+        watcher(api::<Deployment>(&client, ns), labelled.clone())
+            .default_backoff()
+            .map_ok(cache::pack_event),
     )
     .touched_objects();
-    let (services, writer) = reflector::store::<Service>();
+    let (services, writer) = reflector::store();
     let service_events = reflector::reflector(
         writer,
-        watcher(api(&client, ns), labelled.clone())
+        watcher(api::<Service>(&client, ns), labelled.clone())
             .default_backoff()
-            .modify(|s: &mut Service| s.managed_fields_mut().clear()),
+            .map_ok(cache::pack_event),
     )
     .touched_objects();
-    let (slices, writer) = reflector::store::<EndpointSlice>();
+    // Only the activator slices the operator writes: the pod slices of the private
+    // Services carry the Function label too, but the reconciler never reads them.
+    let (slices, writer) = reflector::store();
     let slice_events = reflector::reflector(
         writer,
-        watcher(api(&client, ns), labelled.clone())
-            .default_backoff()
-            .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear()),
+        watcher(
+            api::<EndpointSlice>(&client, ns),
+            watcher::Config::default().labels(&format!(
+                "{FUNCTION_LABEL},endpointslice.kubernetes.io/managed-by={}",
+                build::SLICE_MANAGER
+            )),
+        )
+        .default_backoff()
+        .map_ok(cache::pack_event),
     )
     .touched_objects();
     let (pods, writer) = reflector::store::<Pod>();
@@ -378,11 +410,7 @@ pub async fn run_controller(
         writer,
         watcher(api(&client, ns), labelled)
             .default_backoff()
-            .modify(|p: &mut Pod| {
-                // Only labels and status are read (startup failures): keep the cache small.
-                p.managed_fields_mut().clear();
-                p.spec = None;
-            }),
+            .modify(cache::trim_pod),
     )
     .touched_objects();
 
@@ -395,7 +423,9 @@ pub async fn run_controller(
     let index = targets.clone();
     let function_events = reflector::reflector(
         writer,
-        watcher(api::<Function>(&client, ns), watcher::Config::default()).default_backoff(),
+        watcher(api::<Function>(&client, ns), watcher::Config::default())
+            .default_backoff()
+            .modify(cache::trim_function),
     )
     .inspect(move |event| {
         let Ok(event) = event else { return };

@@ -176,8 +176,18 @@ mod tests {
     #[test]
     fn requests_are_named_as_the_api_server_names_them() {
         let cases = [
-            (Method::GET, "/apis/apps/v1/namespaces/a/deployments/f", "get", "deployments"),
-            (Method::GET, "/apis/apps/v1/deployments?labelSelector=x", "list", "deployments"),
+            (
+                Method::GET,
+                "/apis/apps/v1/namespaces/a/deployments/f",
+                "get",
+                "deployments",
+            ),
+            (
+                Method::GET,
+                "/apis/apps/v1/deployments?labelSelector=x",
+                "list",
+                "deployments",
+            ),
             (
                 Method::GET,
                 "/apis/apps/v1/namespaces/a/deployments?watch=true&resourceVersion=5",
@@ -196,11 +206,26 @@ mod tests {
                 "patch",
                 "functions/status",
             ),
-            (Method::POST, "/apis/events.k8s.io/v1/namespaces/a/events", "create", "events"),
+            (
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/a/events",
+                "create",
+                "events",
+            ),
             (Method::GET, "/api/v1/namespaces/a", "get", "namespaces"),
             (Method::GET, "/api/v1/namespaces", "list", "namespaces"),
-            (Method::DELETE, "/api/v1/namespaces/a/pods/p", "delete", "pods"),
-            (Method::DELETE, "/api/v1/namespaces/a/pods", "deletecollection", "pods"),
+            (
+                Method::DELETE,
+                "/api/v1/namespaces/a/pods/p",
+                "delete",
+                "pods",
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/namespaces/a/pods",
+                "deletecollection",
+                "pods",
+            ),
             (Method::GET, "/version", "list", "/version"),
         ];
         for (method, uri, verb, resource) in cases {
@@ -253,8 +278,12 @@ mod tests {
         assert_eq!(counter.get("get", "configmaps", "200"), 2);
         assert_eq!(counter.get("get", "configmaps", "404"), 1);
         let mut text = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut text)
-            .unwrap();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )
+        .unwrap();
         let text = String::from_utf8(text).unwrap();
         assert!(text.contains(
             "zeroscale_test_api_requests_total{code=\"200\",resource=\"configmaps\",verb=\"get\"} 2"
