@@ -2,7 +2,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: build test unit lint fmt crds crds-check run bench e2e docker-build chart-test
+.PHONY: build test unit lint fmt crds crds-check run bench bench-cluster e2e docker-build chart-test
 
 build:
 	$(CARGO) build --release
@@ -46,6 +46,15 @@ chart-test:
 ## Benchmarks: data path, cold start, memory, autoscaler (see BENCHMARKS.md).
 bench:
 	@if [ -x bench/run.sh ]; then bench/run.sh; else echo "no benchmark harness yet"; fi
+
+## Scale benchmark on the cluster in KUBECONFIG (issue 16; see BENCHMARKS.md): N Functions
+## at once, then readiness, memory, API requests, a wake, and activator changes under
+## load. ZEROSCALE_E2E_IMAGE names the image the chart runs (the stand-in maps it to a
+## binary). Not run by CI.
+N ?= 1000
+bench-cluster:
+	ZEROSCALE_SCALE_FUNCTIONS=$(N) ZEROSCALE_SCALE_REPORT=target/bench-cluster-$(N).json \
+		$(CARGO) test --test e2e_scale -- --ignored --nocapture --test-threads=1
 
 ## Real-cluster suite against the cluster in KUBECONFIG (skipped when none).
 e2e:

@@ -1083,7 +1083,11 @@ async fn apply_routing(
     if let Some(slice) = &desired.activator_slice
         && !build::up_to_date(slice, live.slice)
     {
-        ctx.slice_limiter.acquire().await;
+        // Only rewrites are paced: they are the fan-out of one activator pod change to
+        // every Function. A new Function's first slice is one write of its five.
+        if live.slice.is_some() {
+            ctx.slice_limiter.acquire().await;
+        }
         // Following the activator pods is routine: no Event per Function for it.
         let mut quiet = Changes::default();
         apply(slices, slice, live.slice.is_some(), &mut quiet).await?;
