@@ -248,7 +248,7 @@ async fn many_functions() {
     )
     .await;
     install.wait_ready(&cluster).await;
-    let operator = pod_addrs(&cluster, &install, "operator", 9091).await[0].1;
+    let operator = pod_addrs(&cluster, &install, "operator", 9090).await[0].1;
     // Settled after start-up (leader elected, caches listed).
     tokio::time::sleep(Duration::from_secs(10)).await;
     let base = scrape(operator).await;

@@ -133,9 +133,10 @@ pub struct Config {
     /// This replica's identity in the Lease and in Events (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
-    /// Most writes per second of the activator EndpointSlices when the activator pods
-    /// change (every Function has one). An activator rollout converges in about
-    /// Functions / this many seconds; keep the activator's termination grace above that.
+    /// Most rewrites per second of the activator EndpointSlices when the activator pods
+    /// change (every Function has one; a new Function's first slice is not paced). An
+    /// activator pod change reaches every Function in about Functions / this many
+    /// seconds; the activators' lame-duck time must cover that (the chart computes it).
     #[arg(long, env = "ZEROSCALE_SLICE_WRITES_PER_SECOND", default_value_t = 50)]
     pub slice_writes_per_second: u32,
     #[command(flatten)]
