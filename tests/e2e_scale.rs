@@ -13,7 +13,8 @@
 //! Environment (besides the suite's, see `e2e_support`): `ZEROSCALE_SCALE_FUNCTIONS` (N;
 //! the test is skipped without it), `ZEROSCALE_SCALE_STEADY_SECONDS` (the steady-state
 //! window, default 60), `ZEROSCALE_SCALE_REPORT` (a file the figures are written to, as
-//! JSON). Namespaces are `zs-scale-*`, 1,000 Functions each; all are deleted at the end.
+//! JSON). The Functions live in one namespace `zs-scale-*`, which zeroscale is installed to
+//! watch alone; it is deleted at the end, then zeroscale.
 
 mod e2e_support;
 
@@ -37,7 +38,6 @@ use tokio_util::sync::CancellationToken;
 use zeroscale::api::Function;
 use zeroscale::operator::build::SLICE_MANAGER;
 
-const PER_NAMESPACE: usize = 1000;
 const BENCH_LABEL: &str = "zeroscale.dev/scale-bench";
 
 /// A `/metrics` page: `process_resident_memory_bytes` and the API requests by verb.
@@ -238,13 +238,19 @@ async fn many_functions() {
     report.insert("kubernetes".into(), json!(cluster.version_string()));
     report.insert("image".into(), json!(cluster.image));
 
-    // --- zeroscale, one operator (its memory is the leader's), two activators.
+    // --- zeroscale, one operator (its memory is the leader's), two activators, serving
+    // only the bench's namespace (so that it never touches another run's Functions).
+    let namespace = TestNamespace::new(&cluster, &format!("zs-scale-{suffix}")).await;
     let system = format!("zs-scale-system-{suffix}");
     let install = Install::chart(
         &cluster,
         &format!("zeroscale-scale-{suffix}"),
         &system,
-        json!({"operator": {"replicas": 1}, "activator": {"replicas": 2}}),
+        json!({
+            "watchNamespaces": [namespace.name],
+            "operator": {"replicas": 1},
+            "activator": {"replicas": 2},
+        }),
     )
     .await;
     install.wait_ready(&cluster).await;
@@ -262,19 +268,12 @@ async fn many_functions() {
     );
 
     // --- N Functions at once.
-    let namespaces: Vec<TestNamespace> = {
-        let mut v = Vec::new();
-        for _ in 0..n.div_ceil(PER_NAMESPACE) {
-            v.push(TestNamespace::new(&cluster, &format!("zs-scale-{suffix}")).await);
-        }
-        v
-    };
     let ready = ReadyCount::follow(cluster.client.clone(), &suffix);
     let slices = Slices::follow(cluster.client.clone(), format!("zs-scale-{suffix}"));
     let start = Instant::now();
     futures::stream::iter(0..n)
         .for_each_concurrent(32, |i| {
-            let ns = namespaces[i / PER_NAMESPACE].name.clone();
+            let ns = namespace.name.clone();
             let client = cluster.client.clone();
             let suffix = suffix.clone();
             async move {
@@ -381,7 +380,7 @@ async fn many_functions() {
     );
 
     // --- a wake from zero with N Functions present.
-    let ns0 = namespaces[0].name.clone();
+    let ns0 = namespace.name.clone();
     let mut wake = test_function(&ns0, "wake", json!({}));
     wake["metadata"]["labels"] = json!({BENCH_LABEL: suffix});
     apply(&wake).expect("the wake Function applies");
@@ -557,6 +556,6 @@ async fn many_functions() {
     }
     // Namespaces (and so the Functions) are deleted first, then zeroscale: drop order.
     drop(gw);
-    drop(namespaces);
+    drop(namespace);
     assert_eq!(lost, 0, "requests lost during the activator change");
 }
