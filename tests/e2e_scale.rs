@@ -379,6 +379,54 @@ async fn many_functions() {
         json!(act_per.round()),
     );
 
+    // --- the kube-controller-manager's share: every Deployment synced (a ReplicaSet) and
+    // every private Service given its pod slice. Its clients are rate-limited (20 writes
+    // a second each by default), so N Functions at once leave it behind for a while; a
+    // wake meanwhile waits in its queues, so it is measured once the backlog is gone.
+    let t = Instant::now();
+    let namespace_name = namespace.name.clone();
+    let synced = eventually(
+        "the kube-controller-manager to catch up",
+        Duration::from_secs(3600),
+        || {
+            let client = cluster.client.clone();
+            let ns = namespace_name.clone();
+            async move {
+                let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+                    Api::namespaced(client.clone(), &ns);
+                let lp = kube::api::ListParams::default().labels("zeroscale.dev/function");
+                let list = deployments.list(&lp).await.ok()?;
+                let behind = list
+                    .items
+                    .iter()
+                    .filter(|d| {
+                        d.status.as_ref().and_then(|s| s.observed_generation)
+                            != d.metadata.generation
+                    })
+                    .count();
+                let slices: Api<EndpointSlice> = Api::namespaced(client, &ns);
+                let lp = kube::api::ListParams::default()
+                    .labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
+                let private = slices.list_metadata(&lp).await.ok()?.items.len();
+                eprintln!(
+                    "many_functions: kube-controller-manager: {behind} Deployments not synced, {private} pod slices"
+                );
+                if behind == 0 && private >= list.items.len() {
+                    return Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                None
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "{test}: the kube-controller-manager caught up {:?} after the first create",
+        synced - start
+    );
+    report.insert("kcm_caught_up_s".into(), json!(secs(synced - start)));
+    let _ = t;
+
     // --- a wake from zero with N Functions present.
     let ns0 = namespace.name.clone();
     let mut wake = test_function(&ns0, "wake", json!({}));

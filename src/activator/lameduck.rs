@@ -106,12 +106,17 @@ impl Routing {
 }
 
 /// Waits until no EndpointSlice written by the operator (in `namespace`, or all) routes
-/// to `ip`, then for [`SETTLE`]; gives up after `limit`.
+/// to `ip`, then calls `unrouted` and waits for [`SETTLE`]; gives up after `limit`.
+///
+/// `unrouted` is where the activator starts ending its keep-alive connections (one
+/// `Connection: close` response each): the settle time is when clients reconnect, and a
+/// reconnection now goes to another activator.
 pub async fn wait_until_unrouted(
     client: kube::Client,
     namespace: Option<&str>,
     ip: IpAddr,
     limit: Duration,
+    unrouted: impl FnOnce(),
 ) {
     let started = Instant::now();
     let api: Api<EndpointSlice> = match namespace {
@@ -132,6 +137,7 @@ pub async fn wait_until_unrouted(
     loop {
         if listed && routing.count() == 0 {
             info!(waited = ?started.elapsed(), "lame duck: no Function routes here any more");
+            unrouted();
             tokio::select! {
                 _ = tokio::time::sleep(SETTLE) => {}
                 _ = &mut deadline => {}
