@@ -36,6 +36,9 @@ use crate::api::{Defaults, FUNCTION_LABEL, Function, TargetKind};
 use crate::platform::kube::KubePlatform;
 use crate::telemetry::{self, Readiness};
 
+/// Reconciles in flight at once.
+pub const RECONCILE_CONCURRENCY: u16 = 32;
+
 /// Errors of the operator, one variant per pipeline step.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -499,10 +502,13 @@ pub async fn run_controller(
     info!(namespace = ns.unwrap_or("<all>"), "reconciling Functions");
     Controller::for_stream(function_events, functions)
         // Bounded parallelism, and a short debounce so a burst of pod status updates
-        // during a rollout becomes one reconcile.
+        // during a rollout becomes one reconcile. A new Function's reconcile is about ten
+        // sequential API calls, so their pace is the API server's latency, not CPU: at 8
+        // at once, 10,000 Functions applied together became Ready at about 5 a second on
+        // a loaded v1.24 (issue 16).
         .with_config(
             controller::Config::default()
-                .concurrency(8)
+                .concurrency(RECONCILE_CONCURRENCY)
                 .debounce(Duration::from_millis(500)),
         )
         .owns_stream(deployment_events)
