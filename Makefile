@@ -2,7 +2,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: build test unit lint fmt crds crds-check run bench bench-cluster e2e docker-build chart-test
+.PHONY: build test unit lint fmt crds crds-check run bench bench-coldstart bench-cluster e2e docker-build chart-test
 
 build:
 	$(CARGO) build --release
@@ -48,9 +48,18 @@ bench:
 	@if [ -x bench/run.sh ]; then bench/run.sh; else echo "no benchmark harness yet"; fi
 
 ## Cold start from zero next to the platform floor, on the cluster in KUBECONFIG
-## (ZEROSCALE_BENCH_WAKES wakes of each, 10 by default; see BENCHMARKS.md).
-bench-cluster:
+## (ZEROSCALE_BENCH_WAKES wakes of each, 10 by default; see BENCHMARKS.md, issue 15).
+bench-coldstart:
 	$(CARGO) test --test e2e_cluster -- --ignored --nocapture --exact bench_cold_start_against_the_platform_floor
+
+## Scale benchmark on the cluster in KUBECONFIG (issue 16; see BENCHMARKS.md): N Functions
+## at once, then readiness, memory, API requests, a wake, and activator changes under
+## load. ZEROSCALE_E2E_IMAGE names the image the chart runs (the stand-in maps it to a
+## binary). Not run by CI.
+N ?= 1000
+bench-cluster:
+	ZEROSCALE_SCALE_FUNCTIONS=$(N) ZEROSCALE_SCALE_REPORT=target/bench-cluster-$(N).json \
+		$(CARGO) test --test e2e_scale -- --ignored --nocapture --test-threads=1
 
 ## Real-cluster suite against the cluster in KUBECONFIG (skipped when none).
 e2e:

@@ -174,3 +174,61 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// `process_resident_memory_bytes`, read from `/proc/self/status` at each scrape (the
+/// name Prometheus client libraries use), so a component's memory is on its own
+/// `/metrics` wherever it runs. Absent where there is no `/proc`.
+#[derive(Clone)]
+pub struct ProcessMemory {
+    desc: prometheus::core::Desc,
+}
+
+impl ProcessMemory {
+    /// Registers the collector in `registry`.
+    pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
+        let desc = prometheus::core::Desc::new(
+            "process_resident_memory_bytes".into(),
+            "Resident memory size in bytes.".into(),
+            Vec::new(),
+            std::collections::HashMap::new(),
+        )?;
+        registry.register(Box::new(Self { desc }))
+    }
+
+    /// The resident set size of this process, in bytes (`VmRSS`).
+    pub fn resident_bytes() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+}
+
+impl prometheus::core::Collector for ProcessMemory {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some(bytes) = Self::resident_bytes() else {
+            return Vec::new();
+        };
+        let gauge = prometheus::Gauge::with_opts(prometheus::Opts::new(
+            self.desc.fq_name.clone(),
+            self.desc.help.clone(),
+        ));
+        match gauge {
+            Ok(g) => {
+                g.set(bytes as f64);
+                g.collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+}

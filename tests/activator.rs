@@ -245,6 +245,41 @@ async fn raw_exchange(addr: SocketAddr, request: Vec<u8>) -> String {
 
 // ---------------------------------------------------------------- the table
 
+/// A lame-duck activator that no Function routes to any more ends each HTTP/1
+/// keep-alive connection with its next response, so the client reconnects (elsewhere)
+/// instead of reusing a connection the drain is about to close under it.
+#[tokio::test]
+async fn once_unrouted_every_response_ends_its_connection() {
+    let replica = hello_backend("hi").await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("hello", serde_json::json!({})));
+    platform.set_endpoints(&key("hello"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let request = b"GET / HTTP/1.1\r\nhost: hello.default\r\n\r\n".to_vec();
+
+    // Serving normally: the connection stays open after the answer.
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    h.activator.close_connections();
+    // The same keep-alive connection: answered, then closed by the activator.
+    stream.write_all(&request).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the activator closes the connection after the answer")
+        .unwrap();
+    let head = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(head.ends_with("hi"), "{head}");
+}
+
 #[tokio::test]
 async fn warm_response_is_streamed() {
     let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, BoxError>>();

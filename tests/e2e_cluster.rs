@@ -1356,7 +1356,7 @@ async fn a_function_at_zero_is_answered_before_its_endpointslice_says_ready() {
 
 // ------------------------------------------------------------ cold-start benchmark
 //
-// `make bench-cluster` (or this test by name): wakes from zero next to the platform floor
+// `make bench-coldstart` (or this test by name): wakes from zero next to the platform floor
 // measured in the same run, interleaved round by round so they share the machine's load.
 
 /// The benchmark's app: the suite's test app that also says, in headers of every answer,
@@ -1611,7 +1611,7 @@ fn summary(what: &str, wakes: &[Wake], errors: usize) -> (f64, String) {
 }
 
 #[tokio::test]
-#[ignore = "a benchmark on a Kubernetes cluster (make bench-cluster)"]
+#[ignore = "a benchmark on a Kubernetes cluster (make bench-coldstart)"]
 async fn bench_cold_start_against_the_platform_floor() {
     let test = "bench_cold_start_against_the_platform_floor";
     let Some(cluster) = cluster(test).await else {

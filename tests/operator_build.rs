@@ -267,8 +267,9 @@ fn the_serving_container_drains_through_the_activators_before_it_stops() {
 
     // The user's own grace period and request timeout are what it adds up from.
     let mut f = hello();
-    f.spec.template.as_mut().unwrap().0["spec"]["terminationGracePeriodSeconds"] =
-        serde_json::json!(5);
+    edit_template(&mut f, |t| {
+        t["spec"]["terminationGracePeriodSeconds"] = serde_json::json!(5)
+    });
     f.spec.timeouts = Some(zeroscale::api::TimeoutsSpec {
         activation: None,
         request: Some("20s".into()),
@@ -282,8 +283,10 @@ fn the_serving_container_drains_through_the_activators_before_it_stops() {
 #[test]
 fn a_preexisting_pre_stop_is_kept_and_no_activator_address_means_no_hook() {
     let mut f = hello();
-    f.spec.template.as_mut().unwrap().0["spec"]["containers"][0]["lifecycle"] =
-        serde_json::json!({"preStop": {"exec": {"command": ["/bin/drain"]}}});
+    edit_template(&mut f, |t| {
+        t["spec"]["containers"][0]["lifecycle"] =
+            serde_json::json!({"preStop": {"exec": {"command": ["/bin/drain"]}}})
+    });
     let d = build::build(&f, &config(&f), Replicas::Create(0), Some(&activators()))
         .unwrap()
         .deployment;
@@ -448,10 +451,12 @@ fn drift_is_seen_and_server_defaults_are_not() {
 
     // The user removed something from the spec: the applied hash differs.
     let mut f2 = hello();
-    f2.spec.template.as_mut().unwrap().0["spec"]["containers"][0]
-        .as_object_mut()
-        .unwrap()
-        .remove("readinessProbe");
+    edit_template(&mut f2, |t| {
+        t["spec"]["containers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("readinessProbe");
+    });
     let desired2 = build::build(&f2, &config(&f2), Replicas::Omit, None)
         .unwrap()
         .deployment;
@@ -878,4 +883,12 @@ fn a_target_function_routes_to_the_targets_pods_and_owns_only_its_routing() {
         "taking or giving back the target is a change to apply"
     );
     assert_eq!(idle.public_service, routing.public_service);
+}
+
+/// Changes a Function's pod template as JSON.
+fn edit_template(f: &mut zeroscale::api::Function, edit: impl FnOnce(&mut serde_json::Value)) {
+    let template = f.spec.template.as_mut().unwrap();
+    let mut value = template.value();
+    edit(&mut value);
+    *template = zeroscale::api::PodTemplate::from_value(value);
 }

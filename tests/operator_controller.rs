@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use zeroscale::api::Defaults;
 use zeroscale::operator::metrics::Metrics;
 use zeroscale::operator::reconcile::Settings;
-use zeroscale::operator::{ControllerArgs, run_controller};
+use zeroscale::operator::{ControllerArgs, deployment_cache, run_controller};
 
 const FUNCTION: &str = "/apis/zeroscale.dev/v1alpha1/namespaces/default/functions/hello";
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/default/deployments/hello";
@@ -62,6 +62,7 @@ async fn the_controller_reconciles_a_stored_function_and_stops_cleanly() {
             identity: "operator-test".into(),
             slice_writes_per_second: 100,
         },
+        deployment_cache().1,
         metrics.clone(),
         stop.clone(),
     ));

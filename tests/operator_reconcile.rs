@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use zeroscale::api::{Defaults, FUNCTION_LABEL, Function};
 use zeroscale::operator::Error;
 use zeroscale::operator::build::{ActivatorEndpoint, ActivatorEndpoints};
+use zeroscale::operator::cache::{Pack, Packed};
 use zeroscale::operator::metrics::Metrics;
 use zeroscale::operator::reconcile::{self, Context, RateLimiter, Settings, Stores};
 
@@ -33,9 +34,9 @@ const STATUS: &str = "/apis/zeroscale.dev/v1alpha1/namespaces/default/functions/
 /// The caches the controller's watches would fill (listed once, empty).
 struct Caches {
     functions: Writer<Function>,
-    deployments: Writer<Deployment>,
-    services: Writer<Service>,
-    slices: Writer<EndpointSlice>,
+    deployments: Writer<Packed<Deployment>>,
+    services: Writer<Packed<Service>>,
+    slices: Writer<Packed<EndpointSlice>>,
     pods: Writer<Pod>,
 }
 
@@ -66,6 +67,11 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
     w.apply_watcher_event(&watcher::Event::Apply(object));
+}
+
+/// An owned object into its (packed) cache.
+fn put_owned<K: Pack + 'static>(w: &mut Writer<Packed<K>>, object: K) {
+    put(w, Packed::pack(object));
 }
 
 fn hello() -> Function {
@@ -152,15 +158,15 @@ impl Harness {
     /// returns the Function with the status the reconciler wrote.
     fn sync_caches(&mut self, f: &Function) -> Function {
         if let Some(d) = self.api.object::<Deployment>(DEPLOYMENT) {
-            put(&mut self.caches.deployments, d);
+            put_owned(&mut self.caches.deployments, d);
         }
         for path in [PRIVATE, PUBLIC] {
             if let Some(s) = self.api.object::<Service>(path) {
-                put(&mut self.caches.services, s);
+                put_owned(&mut self.caches.services, s);
             }
         }
         if let Some(s) = self.api.object::<EndpointSlice>(SLICE) {
-            put(&mut self.caches.slices, s);
+            put_owned(&mut self.caches.slices, s);
         }
         let mut f = f.clone();
         if let Some(stored) = self
@@ -312,7 +318,7 @@ async fn drift_is_repaired_and_replicas_are_left_alone() {
             ..Default::default()
         },
     ]);
-    put(&mut h.caches.deployments, d.clone());
+    put_owned(&mut h.caches.deployments, d.clone());
     h.api
         .objects
         .lock()
@@ -321,7 +327,7 @@ async fn drift_is_repaired_and_replicas_are_left_alone() {
     let public: Service = h.api.object(PUBLIC).unwrap();
     h.caches
         .services
-        .apply_watcher_event(&watcher::Event::Delete(public));
+        .apply_watcher_event(&watcher::Event::Delete(Packed::pack(public)));
     h.api.objects.lock().unwrap().remove(PUBLIC);
 
     h.reconcile(&f).await.unwrap();
@@ -379,7 +385,10 @@ async fn an_activator_rollout_rewrites_only_the_slice() {
 async fn image_pull_failure_lands_on_the_active_condition() {
     let mut h = harness();
     let mut f = hello();
-    f.spec.template.as_mut().unwrap().0["spec"]["containers"][0]["image"] = json!("nope:1");
+    let template = f.spec.template.as_mut().unwrap();
+    let mut value = template.value();
+    value["spec"]["containers"][0]["image"] = json!("nope:1");
+    *template = zeroscale::api::PodTemplate::from_value(value);
     h.store_function(&f);
     h.reconcile(&f).await.unwrap();
     let f = h.sync_caches(&f);
@@ -388,7 +397,7 @@ async fn image_pull_failure_lands_on_the_active_condition() {
     // Woken to 1; the kubelet cannot pull the image.
     let mut d: Deployment = h.api.object(DEPLOYMENT).unwrap();
     d.spec.as_mut().unwrap().replicas = Some(1);
-    put(&mut h.caches.deployments, d);
+    put_owned(&mut h.caches.deployments, d);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "hello-6c9-x", "namespace": "default",
                      "labels": {FUNCTION_LABEL: "hello"}},
@@ -697,12 +706,12 @@ impl Harness {
         let objects = self.api.objects.lock().unwrap().clone();
         for (path, object) in &objects {
             if path.contains("/services/") {
-                put(
+                put_owned(
                     &mut self.caches.services,
                     serde_json::from_value(object.clone()).unwrap(),
                 );
             } else if path.contains("/endpointslices/") {
-                put(
+                put_owned(
                     &mut self.caches.slices,
                     serde_json::from_value(object.clone()).unwrap(),
                 );

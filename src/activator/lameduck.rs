@@ -9,9 +9,38 @@
 //! slice written by the operator lists its address any more, plus a settle time for
 //! kube-proxy to apply the last change, bounded by `--lame-duck-timeout`; only then does
 //! it stop accepting and drain what it holds. The condition is observed (a watch of the
-//! slices), not guessed, so a rollout with 10,000 Functions waits as long as the
-//! operator needs to update them all and no longer (see the operator's
-//! `--slice-writes-per-second`, and the chart's grace period, which covers both).
+//! slices, started at SIGTERM), not guessed, so a rollout with 10,000 Functions waits as
+//! long as the operator needs to update them all and no longer.
+//!
+//! # Why a lame duck, and not fewer writes or another routing object (issue 16)
+//!
+//! One activator pod change is one slice write per Function; at the operator's
+//! `--slice-writes-per-second` (50) that is 200 s at 10,000 Functions. Three ways out:
+//!
+//! - **An `ExternalName` Service** (`<name>` a DNS alias of the activator Service) has no
+//!   per-Function routing at all: nothing to rewrite. But it has no ClusterIP and no
+//!   port mapping, so clients must use the activator's port; Ingress controllers and
+//!   meshes treat it differently (several refuse it or need per-controller settings,
+//!   NetworkPolicies cannot select it), and `<name>` would change type under existing
+//!   users. Rejected: "the Function is reachable at its Service" must hold for every
+//!   client, not only for plain DNS.
+//! - **Fewer writes per change**: a per-Function slice must list the activators' pod
+//!   IPs (a slice cannot point at another Service's ClusterIP portably; kube-proxy does
+//!   not translate twice), so every pod change reaches every slice. Batching changes
+//!   (one write carries all changes since the last) is what the operator already does:
+//!   a Function is rewritten once with the latest set however many changes queued up.
+//! - **A lame duck** (this module): the fan-out stays, but nothing is lost while it
+//!   runs, because the old activator keeps serving until the last slice has dropped it.
+//!   Its cost is time: a rollout step lasts Functions / writes-per-second seconds, and
+//!   the pod's termination grace period must cover it. The chart computes both from
+//!   `functions` and `operator.sliceWritesPerSecond` (1.5 times the rewrite time, at
+//!   least 30 s: 300 s for 10,000 Functions at 50/s), so sizing for N Functions is one
+//!   value. When the operator cannot be seen to finish (it is down, or the slices cannot
+//!   be watched for [`BLIND`]), the timeout bounds the wait.
+//!
+//! Chosen: the lame duck. It keeps every client's view of a Function unchanged (a
+//! ClusterIP Service with EndpointSlices), and the measured loss during an activator
+//! change at 10,000 Functions is in BENCHMARKS.md (issue 16).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -77,12 +106,17 @@ impl Routing {
 }
 
 /// Waits until no EndpointSlice written by the operator (in `namespace`, or all) routes
-/// to `ip`, then for [`SETTLE`]; gives up after `limit`.
+/// to `ip`, then calls `unrouted` and waits for [`SETTLE`]; gives up after `limit`.
+///
+/// `unrouted` is where the activator starts ending its keep-alive connections (one
+/// `Connection: close` response each): the settle time is when clients reconnect, and a
+/// reconnection now goes to another activator.
 pub async fn wait_until_unrouted(
     client: kube::Client,
     namespace: Option<&str>,
     ip: IpAddr,
     limit: Duration,
+    unrouted: impl FnOnce(),
 ) {
     let started = Instant::now();
     let api: Api<EndpointSlice> = match namespace {
@@ -103,6 +137,7 @@ pub async fn wait_until_unrouted(
     loop {
         if listed && routing.count() == 0 {
             info!(waited = ?started.elapsed(), "lame duck: no Function routes here any more");
+            unrouted();
             tokio::select! {
                 _ = tokio::time::sleep(SETTLE) => {}
                 _ = &mut deadline => {}

@@ -167,14 +167,15 @@ pub async fn run(config: Config) -> crate::Result<()> {
         cold_start_probe: config.cold_start_probe,
         ..Settings::default()
     };
-    let client = kube::Client::try_default().await?;
+    let registry = prometheus::Registry::new();
+    telemetry::ProcessMemory::register(&registry).map_err(Error::from)?;
+    let client = crate::platform::client::client(&registry, "activator").await?;
     let namespace = (!config.namespace.is_empty()).then(|| config.namespace.clone());
     let lame_duck = (client.clone(), namespace.clone());
     let platform = Arc::new(crate::platform::kube::KubePlatform::new(
         client.clone(),
         namespace,
     ));
-    let registry = prometheus::Registry::new();
     let activator = Activator::new(platform, settings, &registry)?;
     if !config.activator_service.is_empty() {
         let (ns, name) = crate::operator::parse_service(&config.activator_service)
@@ -210,6 +211,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
     {
         let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
         let (pod_ip, limit) = (config.pod_ip, config.lame_duck_timeout);
+        let activator = activator.clone();
         tokio::spawn(async move {
             telemetry::shutdown_signal().await;
             // Fail readiness first so endpoints stop sending, keep serving while routing
@@ -218,8 +220,9 @@ pub async fn run(config: Config) -> crate::Result<()> {
             match pod_ip {
                 Some(ip) => {
                     let (client, namespace) = lame_duck;
+                    let unrouted = move || activator.close_connections();
                     tokio::select! {
-                        _ = lameduck::wait_until_unrouted(client, namespace.as_deref(), ip, limit) => {}
+                        _ = lameduck::wait_until_unrouted(client, namespace.as_deref(), ip, limit, unrouted) => {}
                         _ = telemetry::shutdown_signal() => info!("second signal: stopping now"),
                     }
                 }
@@ -303,6 +306,11 @@ pub struct Activator {
     synced: watch::Sender<u8>,
     /// The other activators, for drains (none: this one's view is the whole view).
     peers: OnceLock<Arc<dyn drain::DrainPeers>>,
+    /// Set once no Function's routing lists this activator: every HTTP/1 response then
+    /// ends its connection, so keep-alive clients reconnect (to another activator) on
+    /// their next request instead of having an idle connection closed under them by the
+    /// drain.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Activator {
@@ -320,6 +328,7 @@ impl Activator {
             metrics,
             synced: watch::Sender::new(0),
             peers: OnceLock::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -329,6 +338,14 @@ impl Activator {
 
     fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
         self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on every HTTP/1 response carries `Connection: close` (see `lameduck`):
+    /// clients leave this activator one request at a time, before the drain closes what
+    /// is left.
+    pub fn close_connections(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Tells the activator where its peers are, so a drain waits for their requests too
@@ -432,7 +449,14 @@ impl Activator {
             let act = act.clone();
             let active = svc_client.request_started(req.version());
             async move {
-                let resp = proxy::handle(&act, active.client(), req).await;
+                let http1 = req.version() < http::Version::HTTP_2;
+                let mut resp = proxy::handle(&act, active.client(), req).await;
+                if http1 && act.closing.load(std::sync::atomic::Ordering::Relaxed) {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(resp.map(|body| ClientBody::new(body, active)))
             }
         });

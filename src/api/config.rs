@@ -99,7 +99,7 @@ impl Defaults {
             .map_err(|e| crate::Error::Config(format!("defaults file {}: {e}", path.display())))?;
         // Resolve a minimal spec against the defaults to check them.
         let probe = FunctionSpec {
-            template: Some(super::PodTemplate(
+            template: Some(super::PodTemplate::from_value(
                 serde_json::json!({"spec": {"containers": [{"name": "probe"}]}}),
             )),
             ..FunctionSpec::default()

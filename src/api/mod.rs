@@ -202,7 +202,7 @@ impl<'de> Deserialize<'de> for FunctionSpec {
                     format!("spec.{path}")
                 };
                 Ok(FunctionSpec {
-                    template: value.get("template").cloned().map(PodTemplate),
+                    template: value.get("template").cloned().map(PodTemplate::from_value),
                     undecodable: Some(format!("{field}: {}", e.into_inner())),
                     ..FunctionSpec::default()
                 })
@@ -279,19 +279,51 @@ impl std::fmt::Display for TargetKind {
 /// It is deliberately not decoded into a `PodTemplateSpec` while watching: a template the
 /// typed decoder refuses would otherwise break the watch of every Function. It is decoded
 /// per Function by [`PodTemplate::parse`] and a failure lands on that Function's status.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(transparent)]
-pub struct PodTemplate(pub serde_json::Value);
+///
+/// It is held as compact JSON text, not as a `serde_json::Value`: every JSON object of a
+/// `Value` is a separate map allocation of about 600 bytes, and the operator, the
+/// autoscaler and the activator each hold every Function (issue 16). The text is the
+/// canonical serialization (keys sorted), so equal templates compare equal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodTemplate(Box<str>);
+
+impl Default for PodTemplate {
+    fn default() -> Self {
+        Self::from_value(serde_json::Value::Null)
+    }
+}
 
 impl PodTemplate {
+    /// A template from its JSON.
+    pub fn from_value(value: serde_json::Value) -> Self {
+        Self(value.to_string().into_boxed_str())
+    }
+
+    /// The template's JSON.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+
     /// Decodes the template into the typed core/v1 form.
     pub fn parse(&self) -> Result<PodTemplateSpec, serde_json::Error> {
-        serde_json::from_value(self.0.clone())
+        serde_json::from_value(self.value())
     }
 
     /// Builds one from a typed template (tests and fixtures).
     pub fn from_spec(spec: &PodTemplateSpec) -> Self {
-        Self(serde_json::to_value(spec).unwrap_or_default())
+        Self::from_value(serde_json::to_value(spec).unwrap_or_default())
+    }
+}
+
+impl Serialize for PodTemplate {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for PodTemplate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(deserializer).map(Self::from_value)
     }
 }
 

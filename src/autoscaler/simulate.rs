@@ -33,7 +33,7 @@ pub fn boundary_scale_config() -> Result<ScaleConfig, ValidationErrors> {
 /// The settings a Function with `scale` and the built-in defaults resolves to.
 fn resolve(scale: Option<ScaleSpec>) -> Result<ScaleConfig, ValidationErrors> {
     let spec = FunctionSpec {
-        template: Some(PodTemplate(
+        template: Some(PodTemplate::from_value(
             serde_json::json!({"spec": {"containers": [{"name": "app"}]}}),
         )),
         scale,

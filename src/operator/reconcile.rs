@@ -32,6 +32,7 @@ use super::build::{
     self, ActivatorEndpoints, BuildError, Desired, FIELD_MANAGER, Replicas, Routing, SERVICE_LABEL,
     activator_slice_name, private_service_name,
 };
+use super::cache::{Pack, Packed};
 use super::metrics::Metrics;
 use super::status::{self, Blocker, Unrunnable, WorkloadStatus};
 use super::target::{self, Claim, FINALIZER, Record, TargetIndex, TargetKey, TargetObject};
@@ -60,13 +61,14 @@ pub struct Settings {
     pub defaults: Defaults,
 }
 
-/// The caches the reconciler reads instead of the API server.
+/// The caches the reconciler reads instead of the API server; the objects a Function
+/// owns are kept packed (see `cache`).
 #[derive(Clone)]
 pub struct Stores {
     pub functions: Store<Function>,
-    pub deployments: Store<Deployment>,
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub deployments: Store<Packed<Deployment>>,
+    pub services: Store<Packed<Service>>,
+    pub slices: Store<Packed<EndpointSlice>>,
     pub pods: Store<Pod>,
 }
 
@@ -636,10 +638,11 @@ fn holders(ctx: &Context, function: &Function, target: &TargetKey) -> Vec<Functi
         .services
         .state()
         .iter()
-        .filter(|s| s.metadata.namespace.as_deref() == Some(target.namespace.as_str()))
+        .filter(|s| s.meta().namespace.as_deref() == Some(target.namespace.as_str()))
+        .filter_map(|s| s.unpack().ok())
         .filter(|s| s.labels().get(SERVICE_LABEL).map(String::as_str) == Some("private"))
         .filter_map(|s| {
-            let record = Record::of(s)?;
+            let record = Record::of(&s)?;
             let holder = s.labels().get(FUNCTION_LABEL)?;
             (record.kind == target.kind.as_str()
                 && record.name == target.name
@@ -776,8 +779,9 @@ async fn scale_back(function: &Function, ctx: &Context) -> Result<Action, Error>
             s.owner_references()
                 .iter()
                 .any(|o| Some(&o.uid) == function.metadata.uid.as_ref())
-        });
-    if let Some(record) = private.as_deref().and_then(Record::of) {
+        })
+        .and_then(|s| s.unpack().ok());
+    if let Some(record) = private.as_ref().and_then(Record::of) {
         let wrote = match release(ctx, &key.namespace, &record).await {
             Ok(w) => w,
             Err(e) => {
@@ -846,11 +850,11 @@ async fn scale_down_own_deployment(
         .owner_references()
         .iter()
         .any(|o| Some(&o.uid) == function.metadata.uid.as_ref());
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let replicas = d.replicas().desired;
     if !ours || replicas == 0 {
         return Ok(());
     }
-    let uid = d.metadata.uid.clone().unwrap_or_default();
+    let uid = d.meta().uid.clone().unwrap_or_default();
     scale_target(ctx, namespace, TargetKind::Deployment, name, &uid, 0).await?;
     Ok(())
 }
@@ -981,18 +985,18 @@ impl<K> Found<K> {
 /// objects), asks the API server, so a pre-existing object of that name is detected
 /// instead of being taken over by a server-side apply.
 async fn live<K>(
-    store: &Store<K>,
+    store: &Store<Packed<K>>,
     api: &Api<K>,
     function: &Function,
     namespace: &str,
     name: &str,
 ) -> Result<Found<K>, Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Pack + std::fmt::Debug,
 {
     let cached = store
         .get(&ObjectRef::new(name).within(namespace))
-        .map(|k| (*k).clone());
+        .and_then(|k| k.unpack().ok());
     let object = match cached {
         Some(k) => Some(k),
         None => api.get_opt(name).await.map_err(|source| Error::Read {
@@ -1079,7 +1083,11 @@ async fn apply_routing(
     if let Some(slice) = &desired.activator_slice
         && !build::up_to_date(slice, live.slice)
     {
-        ctx.slice_limiter.acquire().await;
+        // Only rewrites are paced: they are the fan-out of one activator pod change to
+        // every Function. A new Function's first slice is one write of its five.
+        if live.slice.is_some() {
+            ctx.slice_limiter.acquire().await;
+        }
         // Following the activator pods is routine: no Event per Function for it.
         let mut quiet = Changes::default();
         apply(slices, slice, live.slice.is_some(), &mut quiet).await?;

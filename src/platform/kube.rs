@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::{Scale as KubeScale, ScaleSpec};
 use k8s_openapi::api::core::v1::{Container, ObjectReference, Pod, PodSpec, Probe};
@@ -43,6 +43,7 @@ use super::{
     ReadinessCheck, Scale, WakeOutcome,
 };
 use crate::api::{FUNCTION_LABEL, Function, FunctionKey, TargetKind};
+use crate::operator::cache::Packed;
 
 /// The label (with value `private`) on a Function's private Service and so its slices.
 pub const PRIVATE_SERVICE_SELECTOR: &str = "zeroscale.dev/service=private";
@@ -202,7 +203,7 @@ pub struct KubePlatform {
     /// Functions' Deployments from one watch, when enabled: the autoscaler reads every
     /// Function's scale each tick, and a GET per Function per second would load the API
     /// server with the Function count.
-    deployment_cache: Option<Arc<std::sync::OnceLock<Store<Deployment>>>>,
+    deployment_cache: Option<Arc<std::sync::OnceLock<Store<Packed<Deployment>>>>>,
     /// Scales of targets, when the Deployment cache is enabled.
     target_scales: Option<Arc<TargetScales>>,
     workloads: Workloads,
@@ -333,7 +334,21 @@ impl KubePlatform {
         self
     }
 
-    fn cached_deployment(&self, key: &FunctionKey) -> Option<Arc<Deployment>> {
+    /// Like [`Self::with_deployment_cache`], but reads the Deployments from a cache that
+    /// is filled elsewhere: the operator's reconciler watches the same Deployments, and
+    /// one cache of them is half the memory of two.
+    pub fn with_deployment_store(mut self, store: Store<Packed<Deployment>>) -> Self {
+        let cell = std::sync::OnceLock::new();
+        let _ = cell.set(store);
+        self.deployment_cache = Some(Arc::new(cell));
+        self.target_scales = Some(Arc::default());
+        self
+    }
+
+    /// The cached Deployment of a Function: `Some(None)` when the cache has been listed
+    /// and holds none (it does not exist: no GET needed), `None` without a cache or
+    /// before its first list.
+    fn cached_deployment(&self, key: &FunctionKey) -> Option<Option<Arc<Packed<Deployment>>>> {
         let cache = self.deployment_cache.as_ref()?;
         let store = cache.get_or_init(|| {
             let (reader, writer) = reflector::store();
@@ -343,12 +358,19 @@ impl KubePlatform {
                     self.all::<Deployment>(),
                     watcher::Config::default().labels(FUNCTION_LABEL),
                 )
-                .default_backoff(),
+                .default_backoff()
+                .map_ok(crate::operator::cache::pack_event),
             );
             tokio::spawn(events.for_each(|_| async {}));
             reader
         });
-        store.get(&ObjectRef::new(&key.name).within(&key.namespace))
+        let found = store.get(&ObjectRef::new(&key.name).within(&key.namespace));
+        if found.is_some() {
+            return Some(found);
+        }
+        let listed =
+            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok());
+        listed.then_some(None)
     }
 
     fn all<K>(&self) -> Api<K>
@@ -775,6 +797,7 @@ impl Platform for KubePlatform {
         let workloads = self.workloads.clone();
         watcher(self.all::<Function>(), watcher::Config::default())
             .default_backoff()
+            .modify(crate::operator::cache::trim_function)
             .filter_map(move |event| {
                 let out = match event {
                     Ok(e) => state.handle(e),
@@ -877,19 +900,21 @@ impl Platform for KubePlatform {
             return self.target_scale(key, kind, &name).await;
         }
         let d = match self.cached_deployment(key) {
-            Some(d) => d,
-            None => Arc::new(
+            Some(Some(d)) => d,
+            Some(None) => return Err(PlatformError::NotFound(key.clone())),
+            None => Arc::new(Packed::pack(
                 self.deployments(key)
                     .get(&key.name)
                     .await
                     .map_err(|e| map_err(key, e))?,
-            ),
+            )),
         };
-        let count = |v: Option<i32>| u32::try_from(v.unwrap_or(0)).unwrap_or(0);
+        let count = |v: i32| u32::try_from(v).unwrap_or(0);
+        let replicas = d.replicas();
         Ok(Scale {
-            desired: count(d.spec.as_ref().and_then(|s| s.replicas)),
-            ready: count(d.status.as_ref().and_then(|s| s.ready_replicas)),
-            version: d.metadata.resource_version.clone(),
+            desired: count(replicas.desired),
+            ready: count(replicas.ready),
+            version: d.meta().resource_version.clone(),
         })
     }
 

@@ -12,6 +12,7 @@
 //! ready endpoints catch up (see `activator::early`). A platform whose ready endpoints
 //! are already as fast as a probe (`dev`) offers none.
 
+pub mod client;
 pub mod directory;
 pub mod kube;
 pub mod local;

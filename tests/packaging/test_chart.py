@@ -250,3 +250,25 @@ def test_extra_args_come_last(render_values):
     docs = render_values({"activator": {"extraArgs": ["--header-read-timeout=5s"]}})
     args = one(docs, "Deployment", "zeroscale-activator")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[-1] == "--header-read-timeout=5s"
+
+
+@pytest.mark.parametrize(
+    ("values", "lame_duck"),
+    [
+        ({}, 300),  # 10,000 Functions at 50 rewrites/s: 200 s, times 1.5
+        ({"functions": 20000, "operator": {"sliceWritesPerSecond": 100}}, 300),
+        ({"functions": 50000}, 1500),
+        ({"functions": 100}, 30),  # never under 30 s
+        ({"functions": 50000, "activator": {"lameDuckTimeoutSeconds": 45}}, 45),  # set: kept
+    ],
+)
+def test_the_lame_duck_time_is_computed_from_the_functions_and_the_write_rate(render_values, values, lame_duck):
+    """An activator pod change is one slice rewrite per Function at the operator's pace: a
+    stopping activator must be allowed to serve that long, and the kubelet to wait for it."""
+    docs = render_values(values)
+    activator = one(docs, "Deployment", "zeroscale-activator")["spec"]["template"]["spec"]
+    operator = one(docs, "Deployment", "zeroscale-operator")["spec"]["template"]["spec"]
+    rate = values.get("operator", {}).get("sliceWritesPerSecond", 50)
+    assert f"--slice-writes-per-second={rate}" in operator["containers"][0]["args"]
+    assert f"--lame-duck-timeout={lame_duck}s" in activator["containers"][0]["args"]
+    assert activator["terminationGracePeriodSeconds"] == lame_duck + 30 + 15

@@ -177,3 +177,19 @@ release namespace.
   resources: ["endpointslices"]
   verbs: ["list", "watch"]
 {{- end }}
+
+{{/*
+The activators' lame-duck time in seconds: the value when set, else 1.5 times the time
+the operator takes to rewrite every Function's activator slice (functions /
+operator.sliceWritesPerSecond), at least 30 s.
+*/}}
+{{- define "zeroscale.lameDuckSeconds" -}}
+{{- $set := .Values.activator.lameDuckTimeoutSeconds -}}
+{{- if not (kindIs "invalid" $set) -}}
+{{- $set -}}
+{{- else -}}
+{{- $rate := max 1 (int .Values.operator.sliceWritesPerSecond) -}}
+{{- $functions := int .Values.functions -}}
+{{- max 30 (div (add (mul $functions 3) (mul $rate 2) -1) (mul $rate 2)) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,471 @@
+//! What the operator keeps of each watched object, and nothing more.
+//!
+//! The operator holds every Function and every object it owns in watch caches, so at
+//! 10,000 Functions the caches are its memory. The API server sends whole objects;
+//! most of what it sends is never read. The largest part is `metadata.managedFields`:
+//! a tree of JSON maps per field manager, each map a separate allocation of several
+//! hundred bytes, which made up most of the 86 KB a Function cost (issue 16). So every
+//! object is trimmed as it arrives, before it is cached, to what some code reads:
+//!
+//! | cache | kept | dropped |
+//! |---|---|---|
+//! | Functions | spec, status, identity | managed fields, `last-applied-configuration` |
+//! | Deployments (shared by the reconciler and the autoscaler) | spec (the drift check compares the template), replicas, readiness, the `Progressing` condition, and which managers own `spec.replicas` | every other managed field, the `Available` condition, `last-applied-configuration` |
+//! | Services, activator EndpointSlices | what the drift check and the target record read | managed fields, `last-applied-configuration` |
+//! | Pods | labels, status (startup failures) | spec, managed fields, annotations |
+//!
+//! Trimmed, the objects are still large in memory: `k8s-openapi` structs are mostly
+//! inline `Option`s (a `Container` alone is over a kilobyte), and every map is a separate
+//! allocation. So the objects the reconciler owns (Deployments, Services, activator
+//! EndpointSlices) are cached [`Packed`]: their identity and owner reference typed (what
+//! the store's keys and the controller's owner mapping read), the rest as compact JSON,
+//! decoded when a reconcile reads the object, which is a few times per Function per
+//! change, never per tick. A Deployment also keeps its replicas and ready replicas
+//! typed, which the autoscaler reads every second.
+//!
+//! The Deployments are watched once and shared: the autoscaler reads the scale from the
+//! reconciler's cache instead of a second watch. The pod slices of the private Services
+//! are not cached by the reconciler at all (it never reads them; the autoscaler and the
+//! activator follow them through their own compact endpoint tables).
+
+use std::borrow::Cow;
+use std::marker::PhantomData;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta};
+
+use kube::Resource;
+use kube::runtime::watcher;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::Function;
+
+/// An object kept as compact JSON, with the metadata the caches index and map by (name,
+/// namespace, uid, resourceVersion, owner references) typed.
+#[derive(Clone, Debug)]
+pub struct Packed<K> {
+    metadata: ObjectMeta,
+    body: Box<[u8]>,
+    replicas: Replicas,
+    kind: PhantomData<fn() -> K>,
+}
+
+/// A workload's replicas as the autoscaler reads them each tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replicas {
+    /// `spec.replicas` (1 when unset, as the API server defaults it).
+    pub desired: i32,
+    /// `status.readyReplicas`.
+    pub ready: i32,
+}
+
+/// An object that can be cached [`Packed`].
+pub trait Pack: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone {
+    /// Trims what no code reads (see the module docs).
+    fn trim(&mut self);
+    /// The replicas, for workloads.
+    fn replicas(&self) -> Replicas {
+        Replicas::default()
+    }
+}
+
+impl Pack for Deployment {
+    fn trim(&mut self) {
+        trim_deployment(self);
+    }
+    fn replicas(&self) -> Replicas {
+        Replicas {
+            desired: self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            ready: self
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+        }
+    }
+}
+
+impl Pack for Service {
+    fn trim(&mut self) {
+        trim_service(self);
+    }
+}
+
+impl Pack for EndpointSlice {
+    fn trim(&mut self) {
+        trim_slice(self);
+    }
+}
+
+impl<K: Pack> Packed<K> {
+    /// Trims and packs an object.
+    pub fn pack(mut object: K) -> Self {
+        object.trim();
+        let m = object.meta();
+        let metadata = ObjectMeta {
+            name: m.name.clone(),
+            namespace: m.namespace.clone(),
+            uid: m.uid.clone(),
+            resource_version: m.resource_version.clone(),
+            owner_references: m.owner_references.clone(),
+            ..ObjectMeta::default()
+        };
+        let replicas = object.replicas();
+        // What is typed above, and what the type says, is not kept twice.
+        let m = object.meta_mut();
+        m.name = None;
+        m.namespace = None;
+        m.uid = None;
+        m.resource_version = None;
+        m.owner_references = None;
+        m.creation_timestamp = None;
+        // Serializing a typed object that was just decoded cannot fail; an empty body
+        // would unpack as an empty object (and be re-applied), never as a wrong one.
+        let mut body = serde_json::to_value(&object).unwrap_or_default();
+        if let Some(o) = body.as_object_mut() {
+            o.remove("apiVersion");
+            o.remove("kind");
+        }
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        Self {
+            metadata,
+            body: body.into_boxed_slice(),
+            replicas,
+            kind: PhantomData,
+        }
+    }
+
+    /// The object as it was cached (trimmed; without its creation timestamp).
+    pub fn unpack(&self) -> Result<K, serde_json::Error> {
+        let mut object: K = serde_json::from_slice(&self.body)?;
+        let m = object.meta_mut();
+        m.name = self.metadata.name.clone();
+        m.namespace = self.metadata.namespace.clone();
+        m.uid = self.metadata.uid.clone();
+        m.resource_version = self.metadata.resource_version.clone();
+        m.owner_references = self.metadata.owner_references.clone();
+        Ok(object)
+    }
+
+    /// The replicas of a workload.
+    pub fn replicas(&self) -> Replicas {
+        self.replicas
+    }
+
+    /// Bytes held by the packed body (tests, benchmarks).
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Resource for Packed<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+    fn api_version(dt: &()) -> Cow<'_, str> {
+        K::api_version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Packs the objects of a watch event.
+pub fn pack_event<K: Pack>(event: watcher::Event<K>) -> watcher::Event<Packed<K>> {
+    match event {
+        watcher::Event::Apply(k) => watcher::Event::Apply(Packed::pack(k)),
+        watcher::Event::Delete(k) => watcher::Event::Delete(Packed::pack(k)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(k) => watcher::Event::InitApply(Packed::pack(k)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// The annotation client-side `kubectl apply` keeps the whole object in.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what no code reads from any object's metadata: managed fields and the copy of
+/// the object client-side `kubectl apply` keeps.
+pub fn trim_metadata(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    drop_last_applied(meta);
+}
+
+fn drop_last_applied(meta: &mut ObjectMeta) {
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+/// A Function as the reconciler, the autoscaler and the activator read it.
+pub fn trim_function(f: &mut Function) {
+    trim_metadata(&mut f.metadata);
+}
+
+/// A Function's Deployment as the reconciler (drift check, replicas ownership, status)
+/// and the autoscaler (scale) read it.
+pub fn trim_deployment(d: &mut Deployment) {
+    keep_replicas_owners(&mut d.metadata);
+    drop_last_applied(&mut d.metadata);
+    if let Some(conditions) = d.status.as_mut().and_then(|s| s.conditions.as_mut()) {
+        conditions.retain(|c| c.type_ == "Progressing");
+        for c in conditions.iter_mut() {
+            c.last_update_time = None;
+            c.last_transition_time = None;
+        }
+    }
+}
+
+/// A Service (public or private) as the reconciler reads it.
+pub fn trim_service(s: &mut Service) {
+    trim_metadata(&mut s.metadata);
+}
+
+/// An activator EndpointSlice as the reconciler reads it.
+pub fn trim_slice(s: &mut EndpointSlice) {
+    trim_metadata(&mut s.metadata);
+}
+
+/// A Function's pod as the reconciler reads it: labels and status.
+pub fn trim_pod(p: &mut Pod) {
+    trim_metadata(&mut p.metadata);
+    p.metadata.annotations = None;
+    p.spec = None;
+}
+
+/// Whether a managed-fields entry owns `spec.replicas`.
+pub fn owns_replicas(entry: &ManagedFieldsEntry) -> bool {
+    entry
+        .fields_v1
+        .as_ref()
+        .and_then(|f| f.0.get("f:spec"))
+        .and_then(|s| s.get("f:replicas"))
+        .is_some()
+}
+
+/// Keeps of the managed fields only the entries that own `spec.replicas`, each reduced
+/// to its manager, operation and that one field: who owns the replicas decides whether
+/// the reconciler sends them (`build::Replicas::decide`).
+fn keep_replicas_owners(meta: &mut ObjectMeta) {
+    let Some(entries) = meta.managed_fields.take() else {
+        return;
+    };
+    let kept: Vec<ManagedFieldsEntry> = entries
+        .into_iter()
+        .filter(owns_replicas)
+        .map(|e| ManagedFieldsEntry {
+            manager: e.manager,
+            operation: e.operation,
+            fields_v1: Some(FieldsV1(serde_json::json!({"f:spec": {"f:replicas": {}}}))),
+            ..ManagedFieldsEntry::default()
+        })
+        .collect();
+    meta.managed_fields = (!kept.is_empty()).then_some(kept);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment() -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "hello", "namespace": "default",
+                "annotations": {
+                    "deployment.kubernetes.io/revision": "1",
+                    "zeroscale.dev/applied-hash": "0123456789abcdef",
+                    LAST_APPLIED: "{\"big\": true}",
+                },
+                "managedFields": [
+                    {"manager": "zeroscale-operator", "operation": "Apply",
+                     "apiVersion": "apps/v1", "time": "2026-01-01T00:00:00Z",
+                     "fieldsType": "FieldsV1", "fieldsV1": {
+                        "f:metadata": {"f:labels": {"f:zeroscale.dev/function": {}}},
+                        "f:spec": {"f:replicas": {}, "f:template": {"f:spec": {
+                            "f:containers": {"k:{\"name\":\"app\"}": {".": {}, "f:image": {}}}}}}}},
+                    {"manager": "zeroscale-autoscaler", "operation": "Update",
+                     "subresource": "scale", "fieldsType": "FieldsV1",
+                     "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+                    {"manager": "kube-controller-manager", "operation": "Update",
+                     "subresource": "status", "fieldsType": "FieldsV1",
+                     "fieldsV1": {"f:status": {"f:conditions": {}, "f:replicas": {}}}},
+                ],
+            },
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"zeroscale.dev/function": "hello"}},
+                "template": {"metadata": {"labels": {"zeroscale.dev/function": "hello"}},
+                             "spec": {"containers": [{"name": "app", "image": "x"}]}},
+            },
+            "status": {"replicas": 2, "readyReplicas": 1, "conditions": [
+                {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
+                 "message": "Deployment has minimum availability."},
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                 "message": "ReplicaSet \"hello-1\" has timed out progressing.",
+                 "lastUpdateTime": "2026-01-01T00:00:00Z"},
+            ]},
+        }))
+        .expect("a Deployment")
+    }
+
+    /// The trimmed Deployment answers every question the reconciler and the autoscaler
+    /// ask of it the same way, and holds nothing else of the managed fields.
+    #[test]
+    fn a_trimmed_deployment_keeps_what_is_read_and_only_that() {
+        let full = deployment();
+        let mut d = full.clone();
+        trim_deployment(&mut d);
+
+        // Who owns the replicas: only the two owners, each with that one field.
+        let entries = d.metadata.managed_fields.clone().unwrap_or_default();
+        let managers: Vec<_> = entries.iter().map(|e| e.manager.clone()).collect();
+        assert_eq!(
+            managers,
+            [
+                Some("zeroscale-operator".to_string()),
+                Some("zeroscale-autoscaler".to_string())
+            ]
+        );
+        for e in &entries {
+            assert_eq!(
+                e.fields_v1.as_ref().map(|f| f.0.clone()),
+                Some(serde_json::json!({"f:spec": {"f:replicas": {}}}))
+            );
+            assert!(e.time.is_none() && e.api_version.is_none());
+        }
+        assert_eq!(
+            crate::operator::build::Replicas::decide(Some(&d), 0),
+            crate::operator::build::Replicas::decide(Some(&full), 0)
+        );
+
+        // The drift check sees the same spec and the same applied hash.
+        assert_eq!(d.spec, full.spec);
+        let annotations = d.metadata.annotations.clone().unwrap_or_default();
+        assert!(!annotations.contains_key(LAST_APPLIED));
+        assert_eq!(
+            annotations.get(crate::operator::build::HASH_ANNOTATION),
+            Some(&"0123456789abcdef".to_string())
+        );
+
+        // The status reads the same.
+        let status = |d: &Deployment| {
+            let w = crate::operator::status::WorkloadStatus::from(d);
+            (w.desired, w.replicas, w.ready, w.stalled)
+        };
+        assert_eq!(status(&d), status(&full));
+        let conditions = d
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        assert_eq!(conditions.len(), 1);
+    }
+
+    /// What the reconciler reads back from the cache is the trimmed object, whole; the
+    /// store indexes and maps it by its typed identity and owner.
+    #[test]
+    fn a_packed_object_unpacks_to_the_trimmed_object() {
+        let mut full = deployment();
+        full.metadata.owner_references = Some(vec![Default::default()]);
+        full.metadata.uid = Some("u-1".into());
+        let packed = Packed::pack(full.clone());
+        let mut trimmed = full.clone();
+        trim_deployment(&mut trimmed);
+        trimmed.metadata.creation_timestamp = None;
+        assert_eq!(packed.unpack().unwrap(), trimmed);
+        assert_eq!(packed.meta().name.as_deref(), Some("hello"));
+        assert_eq!(packed.meta().uid.as_deref(), Some("u-1"));
+        assert_eq!(
+            packed.meta().owner_references.as_ref().map(Vec::len),
+            Some(1)
+        );
+        assert!(packed.meta().labels.is_none() && packed.meta().managed_fields.is_none());
+        assert_eq!(
+            packed.replicas(),
+            Replicas {
+                desired: 2,
+                ready: 1
+            }
+        );
+        assert_eq!(<Packed<Deployment> as Resource>::kind(&()), "Deployment");
+        assert_eq!(<Packed<Deployment> as Resource>::plural(&()), "deployments");
+    }
+
+    #[test]
+    fn replicas_owned_by_nobody_leave_no_managed_fields() {
+        let mut d = deployment();
+        if let Some(entries) = d.metadata.managed_fields.as_mut() {
+            entries.retain(|e| !owns_replicas(e));
+        }
+        trim_deployment(&mut d);
+        assert!(d.metadata.managed_fields.is_none());
+    }
+
+    #[test]
+    fn functions_services_slices_and_pods_lose_managed_fields_and_last_applied() {
+        let meta = || ObjectMeta {
+            name: Some("hello".into()),
+            annotations: Some([(LAST_APPLIED.to_string(), "{}".to_string())].into()),
+            managed_fields: Some(vec![ManagedFieldsEntry {
+                manager: Some("kubectl".into()),
+                fields_v1: Some(FieldsV1(serde_json::json!({"f:spec": {}}))),
+                ..ManagedFieldsEntry::default()
+            }]),
+            ..ObjectMeta::default()
+        };
+        let mut f = Function::new("hello", crate::api::FunctionSpec::default());
+        f.metadata = meta();
+        trim_function(&mut f);
+        assert_eq!(f.metadata.managed_fields, None);
+        assert_eq!(f.metadata.annotations, None);
+
+        let mut s = Service {
+            metadata: meta(),
+            ..Service::default()
+        };
+        trim_service(&mut s);
+        assert_eq!(
+            (s.metadata.managed_fields, s.metadata.annotations),
+            (None, None)
+        );
+
+        let mut s = EndpointSlice {
+            metadata: meta(),
+            ..EndpointSlice::default()
+        };
+        trim_slice(&mut s);
+        assert_eq!(
+            (s.metadata.managed_fields, s.metadata.annotations),
+            (None, None)
+        );
+
+        let mut p = Pod {
+            metadata: meta(),
+            spec: Some(Default::default()),
+            ..Pod::default()
+        };
+        trim_pod(&mut p);
+        assert!(p.spec.is_none() && p.metadata.managed_fields.is_none());
+    }
+}
