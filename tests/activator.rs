@@ -176,7 +176,16 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<TestBody>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    backend_at("127.0.0.1", handler).await
+}
+
+/// A backend replica on a loopback address of its own (drains go by IP).
+async fn backend_at<F, Fut>(ip: &str, handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handler = Arc::new(handler);
     tokio::spawn(async move {
@@ -200,9 +209,14 @@ where
 /// A replica that answers `reply` only when the test adds a permit to the returned gate,
 /// so a request can be held in flight for as long as a test needs.
 async fn gated_backend(reply: &'static str) -> (SocketAddr, Arc<Semaphore>) {
+    gated_backend_at("127.0.0.1", reply).await
+}
+
+/// [`gated_backend`] on a loopback address of its own.
+async fn gated_backend_at(ip: &str, reply: &'static str) -> (SocketAddr, Arc<Semaphore>) {
     let gate = Arc::new(Semaphore::new(0));
     let held = gate.clone();
-    let addr = backend(move |_req| {
+    let addr = backend_at(ip, move |_req| {
         let gate = held.clone();
         async move {
             gate.acquire().await.unwrap().forget();
@@ -775,30 +789,7 @@ async fn a_drain_waits_until_the_stopping_replica_is_unrouted_and_idle() {
     platform.apply_function(function("f", serde_json::json!({})));
     let h = start(platform.clone()).await;
     // The stopping replica on its own loopback address (drains go by IP).
-    let stopping_gate = Arc::new(Semaphore::new(0));
-    let stopping = {
-        let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let gate = stopping_gate.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req| {
-                        let gate = gate.clone();
-                        async move {
-                            gate.acquire().await.unwrap().forget();
-                            Ok::<_, Infallible>(Response::new(text("stopping")))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    };
+    let (stopping, stopping_gate) = gated_backend_at("127.0.0.2", "stopping").await;
     let staying = hello_backend("staying").await;
 
     // A request in flight on the replica that is about to stop.
@@ -887,30 +878,7 @@ async fn a_drain_after_the_function_is_deleted_still_waits_for_its_requests() {
     let platform = MemoryPlatform::new();
     platform.apply_function(function("gone", serde_json::json!({})));
     let h = start(platform.clone()).await;
-    let gate = Arc::new(Semaphore::new(0));
-    let replica = {
-        let listener = TcpListener::bind("127.0.0.3:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req| {
-                        let gate = gate.clone();
-                        async move {
-                            gate.acquire().await.unwrap().forget();
-                            Ok::<_, Infallible>(Response::new(text("finished")))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    };
+    let (replica, gate) = gated_backend_at("127.0.0.3", "finished").await;
     h.platform
         .set_endpoints(&key("gone"), vec![endpoint(replica)]);
     let held = tokio::spawn({
@@ -1913,30 +1881,7 @@ async fn a_replica_used_early_counts_in_its_drain() {
     platform.apply_function(function("drained", serde_json::json!({})));
     let h = start(platform.clone()).await;
     // On its own loopback address: drains go by IP.
-    let gate = Arc::new(Semaphore::new(0));
-    let addr = {
-        let listener = TcpListener::bind("127.0.0.3:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req| {
-                        let gate = gate.clone();
-                        async move {
-                            gate.acquire().await.unwrap().forget();
-                            Ok::<_, Infallible>(Response::new(text("slow")))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        addr
-    };
+    let (addr, gate) = gated_backend_at("127.0.0.3", "slow").await;
     let held = spawn_get(&h, "drained.default");
     platform.wait_for_wakes(1).await;
     let mut pod = candidate("drained-1", addr, vec![tcp_check(addr)]);
