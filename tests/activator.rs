@@ -2012,3 +2012,62 @@ async fn a_woken_replica_listed_before_it_listens_is_waited_for_not_a_502() {
         );
     }
 }
+
+/// Load that keeps coming while the platform lags: replicas added one by one through the
+/// fast path carry every request, for as long as the platform takes to list them (after
+/// an API server outage that can be many seconds), and none is stuck or lost.
+#[tokio::test]
+async fn steady_load_through_early_replicas_while_the_platform_lags() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("lagging", serde_json::json!({})));
+    let h = start(platform.clone()).await;
+    let slow = || {
+        backend(|_req| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Response::new(text("ok"))
+        })
+    };
+    let first = slow().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (client, stop) = (h.client.clone(), stop.clone());
+        let base = h.request("lagging.default", "/").body(empty()).unwrap();
+        let (uri, headers) = (base.uri().clone(), base.headers().clone());
+        clients.push(tokio::spawn(async move {
+            let mut answered = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let mut req = Request::get(uri.clone()).body(empty()).unwrap();
+                *req.headers_mut() = headers.clone();
+                let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+                    .await
+                    .expect("an answer within 5 s")
+                    .expect("the activator answers");
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(body_text(resp).await, "ok");
+                answered += 1;
+            }
+            answered
+        }));
+    }
+    platform.wait_for_wakes(1).await;
+    let mut pods = vec![candidate("lagging-1", first, vec![tcp_check(first)])];
+    platform.set_candidates(&key("lagging"), pods.clone());
+    // The autoscaler adds replicas; the platform lists none of them for a while.
+    for i in 2..=4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let addr = slow().await;
+        pods.push(candidate(
+            &format!("lagging-{i}"),
+            addr,
+            vec![tcp_check(addr)],
+        ));
+        platform.set_candidates(&key("lagging"), pods.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        let answered = c.await.expect("a client that never failed");
+        assert!(answered > 10, "a client made little progress: {answered}");
+    }
+}
