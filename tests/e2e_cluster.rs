@@ -360,6 +360,31 @@ async fn scale_under_load(
     (peak, report.sent)
 }
 
+/// What most tests start from: the CRD, a namespace for the test's Functions and a chart
+/// install of this run's own (release and install namespace) that serves only that
+/// namespace, ready. `values` are merged over `watchNamespaces`. `None` without a cluster.
+async fn namespaced_chart(
+    test: &str,
+    prefix: &str,
+    values: serde_json::Value,
+) -> Option<(Cluster, TestNamespace, Install)> {
+    let cluster = cluster(test).await?;
+    remove_leftovers(&cluster).await;
+    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
+    // A namespace-scoped install (watchNamespaces): its own Roles, and no other install on
+    // the cluster (a run of the kustomize test, someone's cluster-wide zeroscale) sees
+    // the Functions it serves.
+    let ns = TestNamespace::new(&cluster, prefix).await;
+    let (release, system) = release_names();
+    let mut all = json!({"watchNamespaces": [ns.name]});
+    if let (Some(all), Some(extra)) = (all.as_object_mut(), values.as_object()) {
+        all.extend(extra.clone());
+    }
+    let install = Install::chart(&cluster, &release, &system, all).await;
+    install.wait_ready(&cluster).await;
+    Some((cluster, ns, install))
+}
+
 /// A release name and install namespace of this run's own.
 fn release_names() -> (String, String) {
     let id = rand::random::<u16>();
@@ -383,24 +408,12 @@ async fn replicas(deployments: &Api<Deployment>, name: &str) -> (i32, i32) {
 #[ignore = "needs a Kubernetes cluster (make e2e)"]
 async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
     let test = "the_chart_installs_and_serves_scales_fails_fast_and_cleans_up";
-    let Some(cluster) = cluster(test).await else {
+    let Some((cluster, ns, install)) =
+        namespaced_chart(test, "zeroscale-e2e-chart", json!({})).await
+    else {
         return;
     };
-    remove_leftovers(&cluster).await;
-    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
-    // A namespace-scoped install (watchNamespaces): its own Roles, and no other install on
-    // the cluster (a run of the kustomize test, someone's cluster-wide zeroscale) sees
-    // the Functions it serves.
-    let ns = TestNamespace::new(&cluster, "zeroscale-e2e-chart").await;
-    let (release, system) = release_names();
-    let install = Install::chart(
-        &cluster,
-        &release,
-        &system,
-        json!({"watchNamespaces": [ns.name]}),
-    )
-    .await;
-    install.wait_ready(&cluster).await;
+    let system = install.namespace.clone();
     eprintln!("ok: the chart installed; operator and activator available");
 
     // Least privilege, as the API server sees the components' own ServiceAccounts.
@@ -744,21 +757,12 @@ fn assert_lossless(scenario: &str, report: &LoadReport) {
 #[ignore = "needs a Kubernetes cluster (make e2e)"]
 async fn no_request_is_lost_under_churn() {
     let test = "no_request_is_lost_under_churn";
-    let Some(cluster) = cluster(test).await else {
+    let Some((cluster, ns, install)) =
+        namespaced_chart(test, "zeroscale-e2e-churn", json!({})).await
+    else {
         return;
     };
-    remove_leftovers(&cluster).await;
-    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
-    let ns = TestNamespace::new(&cluster, "zeroscale-e2e-churn").await;
-    let (release, system) = release_names();
-    let install = Install::chart(
-        &cluster,
-        &release,
-        &system,
-        json!({"watchNamespaces": [ns.name]}),
-    )
-    .await;
-    install.wait_ready(&cluster).await;
+    let system = install.namespace.clone();
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns.name);
     let fixed = |n: i32| json!({"scale": {"min": n, "max": n, "initial": n, "window": "6s"}});
 
@@ -1003,21 +1007,12 @@ fn existing_deployment(
 async fn an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back() {
     use k8s_openapi::api::events::v1::Event;
     let test = "an_existing_deployment_idles_at_zero_wakes_scales_and_is_given_back";
-    let Some(cluster) = cluster(test).await else {
+    let Some((cluster, ns, install)) =
+        namespaced_chart(test, "zeroscale-e2e-target", json!({})).await
+    else {
         return;
     };
-    remove_leftovers(&cluster).await;
-    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
-    let ns = TestNamespace::new(&cluster, "zeroscale-e2e-target").await;
-    let (release, system) = release_names();
-    let install = Install::chart(
-        &cluster,
-        &release,
-        &system,
-        json!({"watchNamespaces": [ns.name]}),
-    )
-    .await;
-    install.wait_ready(&cluster).await;
+    let system = install.namespace.clone();
     // What a target needs, and no more: the target's spec is never written.
     let can = |sa: &str, verb: &str, resource: &str, subresource: &str| -> bool {
         kubectl(
@@ -1265,21 +1260,16 @@ async fn ready_in_slices(cluster: &Cluster, namespace: &str, name: &str) -> usiz
 #[ignore = "needs a Kubernetes cluster (make e2e)"]
 async fn a_function_at_zero_is_answered_before_its_endpointslice_says_ready() {
     let test = "a_function_at_zero_is_answered_before_its_endpointslice_says_ready";
-    let Some(cluster) = cluster(test).await else {
+    let Some((cluster, ns, install)) = namespaced_chart(
+        test,
+        "zeroscale-e2e-early",
+        json!({"operator": {"replicas": 1}}),
+    )
+    .await
+    else {
         return;
     };
-    remove_leftovers(&cluster).await;
-    install_crd(&cluster, &["--server-side", "--force-conflicts"]).await;
-    let ns = TestNamespace::new(&cluster, "zeroscale-e2e-early").await;
-    let (release, system) = release_names();
-    let install = Install::chart(
-        &cluster,
-        &release,
-        &system,
-        json!({"watchNamespaces": [ns.name], "operator": {"replicas": 1}}),
-    )
-    .await;
-    install.wait_ready(&cluster).await;
+    let system = install.namespace.clone();
 
     // The pod read is watch and list, nothing more.
     let can = |verb: &str| {
