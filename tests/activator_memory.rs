@@ -1,8 +1,6 @@
 //! What a registered Function costs the activator in memory: the routing table for
 //! 10,000 Functions, measured with a counting allocator, stays within 2 KiB each.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -11,30 +9,9 @@ use zeroscale::activator::{Activator, Settings};
 use zeroscale::api::{Function, FunctionSpec};
 use zeroscale::platform::memory::MemoryPlatform;
 
-struct Counting;
-
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
+use counting::live_bytes;
 
 const FUNCTIONS: usize = 10_000;
 
@@ -69,14 +46,14 @@ async fn ten_thousand_functions_cost_at_most_2_kib_each() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let shutdown = CancellationToken::new();
 
-    let before = LIVE_BYTES.load(Ordering::SeqCst);
+    let before = live_bytes();
     let activator = Activator::new(platform.clone(), Settings::default(), &registry).unwrap();
     let task = tokio::spawn(activator.clone().run(listener, shutdown.clone()));
     tokio::time::timeout(Duration::from_secs(60), activator.synced())
         .await
         .expect("synced");
     assert_eq!(activator.function_count(), FUNCTIONS);
-    let after = LIVE_BYTES.load(Ordering::SeqCst);
+    let after = live_bytes();
 
     let per_function = (after - before) as f64 / FUNCTIONS as f64;
     println!("activator memory per registered Function: {per_function:.0} bytes");

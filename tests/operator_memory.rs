@@ -5,9 +5,6 @@
 //! `operator::cache`. Issue 16's goal is 10 KB per Function for the whole operator; the
 //! caches must leave room for the rest (the autoscaler's windows, the controller's queue).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -18,30 +15,9 @@ use serde::de::DeserializeOwned;
 use zeroscale::api::Function;
 use zeroscale::operator::cache::{self, Packed};
 
-struct Counting;
-
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
+use counting::live_bytes;
 
 const FUNCTIONS: usize = 2_000;
 
@@ -101,7 +77,7 @@ fn before(fx: &Fixtures) -> isize {
     let mut autoscaler_deployments = Writer::<Deployment>::default();
     let mut services = Writer::<Service>::default();
     let mut slices = Writer::<EndpointSlice>::default();
-    let start = LIVE_BYTES.load(Ordering::Relaxed);
+    let start = live_bytes();
     for i in 0..FUNCTIONS {
         store(&mut functions, object(&fx.function, i));
         store(&mut deployments, object(&fx.deployment, i));
@@ -117,7 +93,7 @@ fn before(fx: &Fixtures) -> isize {
             store(&mut slices, s);
         }
     }
-    let bytes = LIVE_BYTES.load(Ordering::Relaxed) - start;
+    let bytes = live_bytes() - start;
     drop((
         functions,
         deployments,
@@ -134,7 +110,7 @@ fn after(fx: &Fixtures) -> isize {
     let mut deployments = Writer::<Packed<Deployment>>::default();
     let mut services = Writer::<Packed<Service>>::default();
     let mut slices = Writer::<Packed<EndpointSlice>>::default();
-    let start = LIVE_BYTES.load(Ordering::Relaxed);
+    let start = live_bytes();
     for i in 0..FUNCTIONS {
         let mut f: Function = object(&fx.function, i);
         cache::trim_function(&mut f);
@@ -151,7 +127,7 @@ fn after(fx: &Fixtures) -> isize {
             Packed::pack(object::<EndpointSlice>(&fx.activator_slice, i)),
         );
     }
-    let bytes = LIVE_BYTES.load(Ordering::Relaxed) - start;
+    let bytes = live_bytes() - start;
     drop((functions, deployments, services, slices));
     bytes / FUNCTIONS as isize
 }
