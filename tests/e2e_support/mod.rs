@@ -789,61 +789,32 @@ impl Drop for Gateway {
     }
 }
 
-/// The gateway to Function `namespace/name` of `install`.
+/// The gateway to Function `namespace/name` of `install`: its Service's ClusterIP where
+/// the stand-in proxies Services, else a port-forward to the activator Service.
 pub async fn gateway(cluster: &Cluster, install: &Install, namespace: &str, name: &str) -> Gateway {
     let host = format!("{name}.{namespace}.svc.cluster.local");
     if cluster.standin {
-        let services: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
-        let ip = eventually(
-            &format!("Service {namespace}/{name} to have a ClusterIP"),
-            Duration::from_secs(60),
-            || {
-                let services = services.clone();
-                async move {
-                    let s = services.get_opt(name).await.ok().flatten()?;
-                    s.spec?
-                        .cluster_ip
-                        .filter(|ip| ip != "None" && !ip.is_empty())
-                }
-            },
-        )
-        .await;
-        let addr: SocketAddr = format!("{ip}:80").parse().expect("an IP");
-        return Gateway {
-            addr,
-            host,
-            _forward: None,
-        };
+        let ip = cluster_ip(cluster, namespace, name).await;
+        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
     }
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        l.local_addr().expect("an address").port()
-    };
-    let child = Command::new("kubectl")
-        .args([
-            "port-forward",
-            "-n",
-            &install.namespace,
-            &format!("svc/{}", install.activator),
-            &format!("{port}:80"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kubectl port-forward runs");
-    Gateway {
-        addr: format!("127.0.0.1:{port}").parse().expect("an address"),
-        host,
-        _forward: Some(child),
-    }
+    port_forward(&install.namespace, &install.activator, host)
 }
 
 /// A gateway to an ordinary Service of the user's (port 80): its ClusterIP where the
 /// stand-in proxies them, else a port-forward to it.
 pub async fn service_gateway(cluster: &Cluster, namespace: &str, name: &str) -> Gateway {
     let host = format!("{name}.{namespace}.svc.cluster.local");
+    let ip = cluster_ip(cluster, namespace, name).await;
+    if cluster.standin {
+        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
+    }
+    port_forward(namespace, name, host)
+}
+
+/// Service `namespace/name`'s ClusterIP, once it has one.
+async fn cluster_ip(cluster: &Cluster, namespace: &str, name: &str) -> String {
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
-    let ip = eventually(
+    eventually(
         &format!("Service {namespace}/{name} to have a ClusterIP"),
         Duration::from_secs(60),
         || {
@@ -856,10 +827,12 @@ pub async fn service_gateway(cluster: &Cluster, namespace: &str, name: &str) -> 
             }
         },
     )
-    .await;
-    if cluster.standin {
-        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
-    }
+    .await
+}
+
+/// `kubectl port-forward` to port 80 of Service `namespace/service`, on a free local port,
+/// for as long as the gateway lives.
+fn port_forward(namespace: &str, service: &str, host: String) -> Gateway {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         l.local_addr().expect("an address").port()
@@ -869,7 +842,7 @@ pub async fn service_gateway(cluster: &Cluster, namespace: &str, name: &str) -> 
             "port-forward",
             "-n",
             namespace,
-            &format!("svc/{name}"),
+            &format!("svc/{service}"),
             &format!("{port}:80"),
         ])
         .stdout(Stdio::null())
