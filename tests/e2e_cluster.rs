@@ -571,12 +571,16 @@ async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
     // From zero: the first request wakes it, through the Function's Service.
     let gw = gateway(&cluster, &install, &ns.name, "echo").await;
     assert_woken(&first_answer(&gw, "/").await, "echo");
-    // Warm for every activator once the slice lists the pod (until then, one that has not
-    // served it yet holds a request for its own probe of the pod: a cold start to it).
+    // Warm for every activator once each routes the pod the slice lists (until then, one
+    // that has not served it yet holds a request for the pod: a cold start to it).
     eventually(
-        "the slice to list the pod",
+        "every activator to route the pod",
         Duration::from_secs(60),
-        || async { (ready_in_slices(&cluster, &ns.name, "echo").await >= 1).then_some(()) },
+        || async {
+            every_activator_routes(&cluster, &install, &ns.name, "echo")
+                .await
+                .then_some(())
+        },
     )
     .await;
     let warm = get(gw.addr, &gw.host, "/").await.expect("a warm answer");
@@ -1239,6 +1243,61 @@ async fn activator_counter(cluster: &Cluster, install: &Install, name: &str, out
     sum
 }
 
+/// Whether every activator of `install` routes new requests to every address the private
+/// slices of Function `name` list as ready (each activator's `/drain-status` says which
+/// of the given addresses it routes): until then, a request that reaches one whose watch
+/// has not caught up waits for a replica, a cold start to it.
+async fn every_activator_routes(
+    cluster: &Cluster,
+    install: &Install,
+    namespace: &str,
+    name: &str,
+) -> bool {
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), namespace);
+    let Ok(list) = slices
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("kubernetes.io/service-name={name}-private")),
+        )
+        .await
+    else {
+        return false;
+    };
+    let ready: Vec<String> = list
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect();
+    let activators = install.pods(cluster, "activator").await;
+    if ready.is_empty() || activators.is_empty() {
+        return false;
+    }
+    let path = format!("/drain-status?ips={}", ready.join(","));
+    for pod in activators {
+        let Some(addr) = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|ip| format!("{ip}:9090").parse().ok())
+        else {
+            return false;
+        };
+        let Ok(reply) = get(addr, "drain-status", &path).await else {
+            return false;
+        };
+        let routed = serde_json::from_str::<serde_json::Value>(&reply.body)
+            .ok()
+            .and_then(|v| v["routed"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if routed < ready.len() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Addresses the private Service's slices of Function `name` list as ready.
 async fn ready_in_slices(cluster: &Cluster, namespace: &str, name: &str) -> usize {
     let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), namespace);
@@ -1263,7 +1322,7 @@ async fn a_function_at_zero_is_answered_before_its_endpointslice_says_ready() {
     let Some((cluster, ns, install)) = namespaced_chart(
         test,
         "zeroscale-e2e-early",
-        json!({"operator": {"replicas": 1}}),
+        json!({"operator": {"replicas": 1}, "activator": {"coldStartProbe": true}}),
     )
     .await
     else {
@@ -1326,11 +1385,15 @@ async fn a_function_at_zero_is_answered_before_its_endpointslice_says_ready() {
     );
     eprintln!("ok: answered from zero in {took:?}, before the EndpointSlice said ready");
 
-    // The slice catches up; its view routes from then on.
+    // The slice catches up; its view routes from then on, in every activator.
     eventually(
-        "the slice to list the pod ready",
+        "every activator to route the pod the slice lists ready",
         Duration::from_secs(90),
-        || async { (ready_in_slices(&cluster, &ns.name, "early").await >= 1).then_some(()) },
+        || async {
+            every_activator_routes(&cluster, &install, &ns.name, "early")
+                .await
+                .then_some(())
+        },
     )
     .await;
     let warm = get(gw.addr, &gw.host, "/").await.expect("a warm answer");
