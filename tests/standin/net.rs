@@ -77,10 +77,21 @@ pub struct Network {
 
 /// Three hex digits of an FNV-1a hash: a short, stable tag for a bridge name.
 fn tag(bridge: &str) -> String {
-    let hash = bridge.bytes().fold(0x811c_9dc5u32, |h, b| {
+    format!("{:03x}", fnv(bridge) & 0xfff)
+}
+
+/// FNV-1a of a name.
+fn fnv(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    format!("{:03x}", hash & 0xfff)
+    })
+}
+
+/// The bridge's fixed MAC: locally administered, unicast, stable for a bridge name.
+fn bridge_mac(bridge: &str) -> String {
+    let hash = fnv(bridge);
+    let [a, b, c, d] = hash.to_be_bytes();
+    format!("02:7a:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
 impl Network {
@@ -110,13 +121,33 @@ impl Network {
         }
     }
 
-    /// Creates the bridge (or takes over the one an earlier run left) with the gateway.
+    /// Creates the bridge (or takes over the one an earlier run left) with the gateway,
+    /// on a fixed MAC address.
+    ///
+    /// Left to itself, a Linux bridge takes the lowest MAC of its ports, so a new pod's
+    /// veth can change the gateway's MAC. The pods keep the old one in their neighbour
+    /// tables for up to half a minute, and a frame to it (now only a port's address, not
+    /// the bridge's) is dropped by the host: every pod loses its way to the node, the
+    /// Service proxy and the API server, while the node can still reach it. Seen as
+    /// connections that stalled 10 to 30 s right after a pod started. A MAC set by hand
+    /// never changes, which is what container runtimes' bridges do too.
     pub async fn ensure_bridge(&self) -> Result<(), NetError> {
         if let Err(e) = ip(&["link", "add", &self.bridge, "type", "bridge"], None).await
             && !e.message.contains("File exists")
         {
             return Err(e);
         }
+        ip(
+            &[
+                "link",
+                "set",
+                &self.bridge,
+                "address",
+                &bridge_mac(&self.bridge),
+            ],
+            None,
+        )
+        .await?;
         let gw = format!("{}/{}", self.gateway, self.prefix_len);
         ip(&["addr", "replace", &gw, "dev", &self.bridge], None).await?;
         ip(&["link", "set", &self.bridge, "up"], None).await?;
@@ -203,6 +234,16 @@ mod tests {
         assert_eq!(n.netns, format!("zs{}-3f2c9c1e77aa", tag("zs-br0")));
         assert_eq!(net.names("3f2c9c1e-77aa-4bcd-9e0f-0123456789ab"), n);
         assert_ne!(tag("zs-br0"), tag("zs-br1"));
+    }
+
+    #[test]
+    fn the_bridge_mac_is_fixed_unicast_and_local() {
+        let mac = bridge_mac("zs-br24");
+        assert_eq!(mac, bridge_mac("zs-br24"));
+        assert_ne!(mac, bridge_mac("zs-br36"));
+        let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+        assert_eq!(first & 0b11, 0b10, "locally administered unicast: {mac}");
+        assert_eq!(mac.split(':').count(), 6);
     }
 
     #[test]
