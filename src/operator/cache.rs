@@ -30,16 +30,20 @@
 
 use std::borrow::Cow;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta};
 
+use futures::{Stream, StreamExt};
 use kube::Resource;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::debug;
 
 use crate::api::Function;
 
@@ -197,6 +201,61 @@ pub fn pack_event<K: Pack>(event: watcher::Event<K>) -> watcher::Event<Packed<K>
         watcher::Event::InitApply(k) => watcher::Event::InitApply(Packed::pack(k)),
         watcher::Event::InitDone => watcher::Event::InitDone,
     }
+}
+
+/// The objects a cached watch touched (as `touched_objects` gives them), and, when a
+/// relist ends, every object the cache held before it that the new list lacks.
+///
+/// A watch that is cut (a dropped connection, an expired resourceVersion, an API server
+/// restart) resumes with a full list, and an object deleted meanwhile is simply absent
+/// from it: no watch event says it was deleted, the store just forgets it. For the
+/// objects a Function owns that matters: a Function whose Service or activator slice was
+/// deleted during the gap would stay unroutable until its periodic requeue, minutes
+/// later (seen at 10,000 Functions, where relists under load are common). So the
+/// objects that vanished are given to the controller like deletions, and their owners
+/// are reconciled at once. `store` is the reader of the reflector `events` come from.
+pub fn touched_or_vanished<K, S>(
+    events: S,
+    store: Store<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    // What the store held when the current relist began.
+    let mut before: Option<Vec<Arc<K>>> = None;
+    events.flat_map(move |event| {
+        let out: Vec<Result<K, watcher::Error>> = match event {
+            // The reflector fills a buffer during a relist and swaps it in at the end:
+            // at `Init` the store still holds the old list, at `InitDone` the new one.
+            Ok(watcher::Event::Init) => {
+                before = Some(store.state());
+                Vec::new()
+            }
+            Ok(watcher::Event::InitDone) => {
+                let vanished: Vec<Result<K, watcher::Error>> = before
+                    .take()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|o| store.get(&ObjectRef::from_obj(o.as_ref())).is_none())
+                    .map(|o| Ok(K::clone(&o)))
+                    .collect();
+                if !vanished.is_empty() {
+                    debug!(
+                        kind = %K::kind(&()),
+                        objects = vanished.len(),
+                        "deleted while the watch was down"
+                    );
+                }
+                vanished
+            }
+            Ok(
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
+            ) => vec![Ok(o)],
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(out)
+    })
 }
 
 /// The annotation client-side `kubectl apply` keeps the whole object in.
@@ -467,5 +526,42 @@ mod tests {
         };
         trim_pod(&mut p);
         assert!(p.spec.is_none() && p.metadata.managed_fields.is_none());
+    }
+
+    fn named(name: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_object_deleted_while_the_watch_was_down_reaches_its_owner() {
+        use futures::StreamExt;
+        use kube::ResourceExt;
+        use kube::runtime::reflector;
+        use watcher::Event;
+
+        let (store, writer) = reflector::store::<Service>();
+        let events = futures::stream::iter(vec![
+            Ok(Event::Init),
+            Ok(Event::InitApply(named("a"))),
+            Ok(Event::InitApply(named("b"))),
+            Ok(Event::InitApply(named("c"))),
+            Ok(Event::InitDone),
+            Ok(Event::Delete(named("c"))),
+            // The watch is cut; "b" is deleted before it lists again.
+            Ok(Event::Init),
+            Ok(Event::InitApply(named("a"))),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(named("d"))),
+        ]);
+        let touched: Vec<String> =
+            touched_or_vanished(reflector::reflector(writer, events), store.clone())
+                .map(|o| o.expect("no errors").name_any())
+                .collect()
+                .await;
+        assert_eq!(touched, ["a", "b", "c", "c", "a", "b", "d"]);
+        assert_eq!(store.state().len(), 2, "a and d are cached");
     }
 }

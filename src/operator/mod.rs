@@ -378,37 +378,43 @@ pub async fn run_controller(
     // Every cached object is trimmed to what is read before it is stored, and the
     // objects a Function owns are packed (see `cache`).
     let deployments = deployment_writer.as_reader();
-    let deployment_events = reflector::reflector(
-        deployment_writer,
-        watcher(api::<Deployment>(&client, ns), labelled.clone())
-            .default_backoff()
-            .map_ok(cache::pack_event),
-    )
-    .touched_objects();
+    let deployment_events = cache::touched_or_vanished(
+        reflector::reflector(
+            deployment_writer,
+            watcher(api::<Deployment>(&client, ns), labelled.clone())
+                .default_backoff()
+                .map_ok(cache::pack_event),
+        ),
+        deployments.clone(),
+    );
     let (services, writer) = reflector::store();
-    let service_events = reflector::reflector(
-        writer,
-        watcher(api::<Service>(&client, ns), labelled.clone())
-            .default_backoff()
-            .map_ok(cache::pack_event),
-    )
-    .touched_objects();
+    let service_events = cache::touched_or_vanished(
+        reflector::reflector(
+            writer,
+            watcher(api::<Service>(&client, ns), labelled.clone())
+                .default_backoff()
+                .map_ok(cache::pack_event),
+        ),
+        services.clone(),
+    );
     // Only the activator slices the operator writes: the pod slices of the private
     // Services carry the Function label too, but the reconciler never reads them.
     let (slices, writer) = reflector::store();
-    let slice_events = reflector::reflector(
-        writer,
-        watcher(
-            api::<EndpointSlice>(&client, ns),
-            watcher::Config::default().labels(&format!(
-                "{FUNCTION_LABEL},endpointslice.kubernetes.io/managed-by={}",
-                build::SLICE_MANAGER
-            )),
-        )
-        .default_backoff()
-        .map_ok(cache::pack_event),
-    )
-    .touched_objects();
+    let slice_events = cache::touched_or_vanished(
+        reflector::reflector(
+            writer,
+            watcher(
+                api::<EndpointSlice>(&client, ns),
+                watcher::Config::default().labels(&format!(
+                    "{FUNCTION_LABEL},endpointslice.kubernetes.io/managed-by={}",
+                    build::SLICE_MANAGER
+                )),
+            )
+            .default_backoff()
+            .map_ok(cache::pack_event),
+        ),
+        slices.clone(),
+    );
     let (pods, writer) = reflector::store::<Pod>();
     let pod_events = reflector::reflector(
         writer,
