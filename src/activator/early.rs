@@ -1,6 +1,5 @@
 //! Early routes: a cold start served by a replica the activator probed itself, before
-//! the platform lists it ready (`--cold-start-probe`; off by default until a stall seen
-//! on a real cluster while pods were routed early is understood, see the README).
+//! the platform lists it ready (`--cold-start-probe`, on by default).
 //!
 //! # Why
 //!

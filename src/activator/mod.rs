@@ -124,7 +124,7 @@ pub struct Config {
     #[arg(
         long,
         env = "ZEROSCALE_COLD_START_PROBE",
-        default_value_t = false,
+        default_value_t = true,
         action = clap::ArgAction::Set,
         num_args = 0..=1,
         default_missing_value = "true",
