@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use operator_support::{Call, FakeApi, client};
@@ -21,6 +21,7 @@ use zeroscale::api::{Defaults, FUNCTION_LABEL, Function};
 use zeroscale::operator::Error;
 use zeroscale::operator::build::{ActivatorEndpoint, ActivatorEndpoints};
 use zeroscale::operator::cache::{Pack, Packed};
+use zeroscale::operator::events::Events;
 use zeroscale::operator::metrics::Metrics;
 use zeroscale::operator::reconcile::{self, Context, RateLimiter, Settings, Stores};
 
@@ -128,7 +129,7 @@ fn harness() -> Harness {
             pods: caches.pods.as_reader(),
         },
         activators: rx,
-        recorder: Recorder::new(
+        events: Events::new(
             client,
             Reporter {
                 controller: "zeroscale-operator".into(),
@@ -1171,4 +1172,42 @@ async fn an_older_function_with_an_invalid_spec_does_not_keep_the_target() {
         &format!("{}/status", function_path("web-lazy")),
     );
     assert_eq!(status.body["status"]["selector"], "app=web");
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_are_not_remembered_past_the_series_window() {
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType};
+    use zeroscale::operator::events::SERIES_WINDOW;
+
+    let h = harness();
+    let f = hello();
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Failed".into(),
+        note: Some("the same thing again".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let send = || async {
+        let _ = h.context.events.publish(&event, &f.object_ref(&())).await;
+        let calls = h.api.take_calls();
+        let call = calls
+            .iter()
+            .find(|c| c.path.contains("/events"))
+            .expect("an Event call");
+        call.method.clone()
+    };
+    assert_eq!(send().await, "POST", "a new Event");
+    assert_eq!(send().await, "PATCH", "a repeat joins its series");
+
+    // Sent a minute ago: still remembered.
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    assert!(!h.context.events.forget_if_idle());
+    assert_eq!(send().await, "PATCH");
+
+    // Nothing sent for the whole window: forgotten, so the memory is given back.
+    tokio::time::advance(SERIES_WINDOW).await;
+    assert!(h.context.events.forget_if_idle());
+    assert_eq!(send().await, "POST", "a new recorder, an empty cache");
 }

@@ -19,7 +19,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -102,7 +102,7 @@ pub struct Context {
     pub stores: Stores,
     /// The ready activator pods; `None` until their slices have been listed once.
     pub activators: watch::Receiver<Option<ActivatorEndpoints>>,
-    pub recorder: Recorder,
+    pub events: super::events::Events,
     pub metrics: Metrics,
     pub slice_limiter: RateLimiter,
     pub failures: Failures,
@@ -1184,11 +1184,7 @@ async fn publish(ctx: &Context, function: &Function, type_: EventType, reason: &
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event, &function.object_ref(&()))
-        .await
-    {
+    if let Err(e) = ctx.events.publish(&event, &function.object_ref(&())).await {
         debug!(error = %e, "recording an event failed");
     }
 }
