@@ -666,7 +666,7 @@ mod scaler_loop {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(autoscaler.run(shutdown.clone()));
 
-        // Idle at zero: nothing to do, the status says so once.
+        // Idle at zero: nothing to do, the status says so once, and no series.
         tokio::time::sleep(Duration::from_millis(10_500)).await;
         assert!(platform.attempts().is_empty(), "{:?}", platform.attempts());
         assert_eq!(
@@ -675,6 +675,10 @@ mod scaler_loop {
                 desired_replicas: 0,
                 last_request_time: None
             }]
+        );
+        assert_eq!(
+            series(&registry, "zeroscale_autoscaler_desired_replicas", "hello"),
+            None
         );
 
         // The activator wakes it for a burst of 40 in flight: panic to ceil(40 / 7) = 6.
@@ -736,12 +740,26 @@ mod scaler_loop {
             last.at - stopped
         );
         assert_eq!(platform.statuses().last().unwrap().desired_replicas, 0);
+        // Back at zero and idle: its series go.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for metric in [
+            "zeroscale_autoscaler_desired_replicas",
+            "zeroscale_autoscaler_actual_replicas",
+            "zeroscale_autoscaler_panic_mode",
+            "zeroscale_autoscaler_observed_load",
+        ] {
+            assert_eq!(series(&registry, metric, "hello"), None, "{metric}");
+        }
 
         // The invalid Function was never touched.
         assert!(platform.attempts().iter().all(|a| a.key == hello));
         assert_eq!(platform.replicas(&bad), 3);
 
-        // Deleted: its metrics go.
+        // Deleted while serving: its metrics go.
+        platform.set(&hello, 1);
+        activator.set(5, 10.0);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(series(&registry, "zeroscale_autoscaler_desired_replicas", "hello").is_some());
         tx.unbounded_send(FunctionEvent::Deleted(hello.clone()))
             .unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
