@@ -795,7 +795,7 @@ pub async fn gateway(cluster: &Cluster, install: &Install, namespace: &str, name
     let host = format!("{name}.{namespace}.svc.cluster.local");
     if cluster.standin {
         let ip = cluster_ip(cluster, namespace, name).await;
-        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
+        return standin_gateway(&ip, host).await;
     }
     port_forward(&install.namespace, &install.activator, host)
 }
@@ -806,9 +806,29 @@ pub async fn service_gateway(cluster: &Cluster, namespace: &str, name: &str) -> 
     let host = format!("{name}.{namespace}.svc.cluster.local");
     let ip = cluster_ip(cluster, namespace, name).await;
     if cluster.standin {
-        return Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host);
+        return standin_gateway(&ip, host).await;
     }
     port_forward(namespace, name, host)
+}
+
+/// A ClusterIP the stand-in node serves, once it does: the node puts each ClusterIP on a
+/// local interface when its Service proxy takes the Service up, which with thousands of
+/// Services can be a while after the Service has its IP. Before that, a connection to the
+/// IP leaves the host (and whatever answers there is not the Service).
+async fn standin_gateway(ip: &str, host: String) -> Gateway {
+    eventually(
+        &format!("the stand-in node to serve ClusterIP {ip}"),
+        Duration::from_secs(300),
+        || async {
+            let out = Command::new("ip")
+                .args(["-o", "-4", "addr", "show", "to", &format!("{ip}/32")])
+                .output()
+                .ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        },
+    )
+    .await;
+    Gateway::direct(format!("{ip}:80").parse().expect("an IP"), host)
 }
 
 /// Service `namespace/name`'s ClusterIP, once it has one.
