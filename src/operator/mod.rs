@@ -509,12 +509,7 @@ pub async fn run_controller(
     info!(namespace = ns.unwrap_or("<all>"), "reconciling Functions");
     let forgetting = {
         let (context, stop) = (context.clone(), stop.clone());
-        tokio::spawn(async move {
-            tokio::join!(
-                context.events.forget_idle_until(stop.clone()),
-                return_freed_memory(stop)
-            )
-        })
+        tokio::spawn(async move { context.events.forget_idle_until(stop).await })
     };
     Controller::for_stream(function_events, functions)
         // Bounded parallelism, and a short debounce so a burst of pod status updates
@@ -559,37 +554,6 @@ pub async fn run_controller(
     let _ = tokio::time::timeout(Duration::from_secs(5), follower).await;
     info!("controller stopped");
 }
-
-/// Gives the heap memory freed since the last minute back to the system, every minute,
-/// until `stop`.
-///
-/// glibc's allocator keeps freed pages in its arenas for reuse. The operator's memory
-/// peaks while many Functions settle at once (watch lists decoded whole, a relist's
-/// second copy of a cache, reconciles in flight) and then falls, but without a trim the
-/// process keeps that peak: after 10,000 Functions became Ready, several KB per Function
-/// of its RSS was such slack (issue 16). A trim with little to give back costs
-/// microseconds.
-async fn return_freed_memory(stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => trim_heap(),
-        }
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim_heap() {
-    // SAFETY: malloc_trim only touches the allocator's own state, under its locks; it is
-    // safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
 
 /// Metadata-only events of the workloads of `kind` in the watched namespaces, from the
 /// moment some Function names a target of that kind.
