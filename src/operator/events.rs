@@ -4,8 +4,8 @@
 //! kube's recorder keeps every Event it has sent, so that the same Event again within
 //! six minutes becomes a series (one object whose count grows) rather than a new object.
 //! It prunes that cache only when it sends the next Event. So after 10,000 Functions are
-//! created together, each one's `Created` Event stays in memory for as long as nothing
-//! else is recorded: about 1.5 KB per Function in an operator otherwise at rest (issue
+//! created together, each one's `Created` Event (the whole object: metadata, the
+//! reference, the note) stays in memory for as long as nothing else is recorded (issue
 //! 16). [`Events`] starts over with a fresh recorder, an empty cache, once the current
 //! one has sent nothing for the whole series window: no repeat could still join any of
 //! the Events it remembers.
