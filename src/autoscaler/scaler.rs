@@ -108,7 +108,7 @@ struct Tracked {
     decider: Decider,
     /// The status last published successfully.
     published: Option<AutoscalerStatus>,
-    /// Its per-Function gauges exist (see [`Scaler::export`]).
+    /// Its per-Function gauges exist (see [`Metrics`]).
     exported: bool,
 }
 

@@ -820,9 +820,10 @@ async fn standin_gateway(ip: &str, host: String) -> Gateway {
         &format!("the stand-in node to serve ClusterIP {ip}"),
         Duration::from_secs(300),
         || async {
-            let out = Command::new("ip")
+            let out = tokio::process::Command::new("ip")
                 .args(["-o", "-4", "addr", "show", "to", &format!("{ip}/32")])
                 .output()
+                .await
                 .ok()?;
             (!out.stdout.is_empty()).then_some(())
         },
