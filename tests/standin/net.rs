@@ -127,7 +127,7 @@ impl Network {
     /// Left to itself, a Linux bridge takes the lowest MAC of its ports, so a new pod's
     /// veth can change the gateway's MAC. The pods keep the old one in their neighbour
     /// tables for up to half a minute, and a frame to it (now only a port's address, not
-    /// the bridge's) is dropped by the host: every pod loses its way to the node, the
+    /// the bridge's) is dropped by the host: the pods lose their way to the node, the
     /// Service proxy and the API server, while the node can still reach it. Seen as
     /// connections that stalled 10 to 30 s right after a pod started. A MAC set by hand
     /// never changes, which is what container runtimes' bridges do too.
