@@ -379,42 +379,23 @@ pub async fn run_controller(
     // Every cached object is trimmed to what is read before it is stored, and the
     // objects a Function owns are packed (see `cache`).
     let deployments = deployment_writer.as_reader();
-    let deployment_events = cache::touched_or_vanished(
-        reflector::reflector(
-            deployment_writer,
-            watcher(api::<Deployment>(&client, ns), labelled.clone())
-                .default_backoff()
-                .map_ok(cache::pack_event),
-        ),
-        deployments.clone(),
+    let deployment_events = owned_events(
+        api::<Deployment>(&client, ns),
+        labelled.clone(),
+        deployment_writer,
     );
     let (services, writer) = reflector::store();
-    let service_events = cache::touched_or_vanished(
-        reflector::reflector(
-            writer,
-            watcher(api::<Service>(&client, ns), labelled.clone())
-                .default_backoff()
-                .map_ok(cache::pack_event),
-        ),
-        services.clone(),
-    );
+    let service_events = owned_events(api::<Service>(&client, ns), labelled.clone(), writer);
     // Only the activator slices the operator writes: the pod slices of the private
     // Services carry the Function label too, but the reconciler never reads them.
     let (slices, writer) = reflector::store();
-    let slice_events = cache::touched_or_vanished(
-        reflector::reflector(
-            writer,
-            watcher(
-                api::<EndpointSlice>(&client, ns),
-                watcher::Config::default().labels(&format!(
-                    "{FUNCTION_LABEL},endpointslice.kubernetes.io/managed-by={}",
-                    build::SLICE_MANAGER
-                )),
-            )
-            .default_backoff()
-            .map_ok(cache::pack_event),
-        ),
-        slices.clone(),
+    let slice_events = owned_events(
+        api::<EndpointSlice>(&client, ns),
+        watcher::Config::default().labels(&format!(
+            "{FUNCTION_LABEL},endpointslice.kubernetes.io/managed-by={}",
+            build::SLICE_MANAGER
+        )),
+        writer,
     );
     let (pods, writer) = reflector::store::<Pod>();
     let pod_events = reflector::reflector(
@@ -553,6 +534,29 @@ pub async fn run_controller(
     forgetting.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), follower).await;
     info!("controller stopped");
+}
+
+/// The watch of one kind of object a Function owns: packed into the cache `writer`
+/// fills, and given to the controller as the objects it touched or that vanished in a
+/// relist (see [`cache::touched_or_vanished`]).
+fn owned_events<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<cache::Packed<K>>,
+) -> impl futures::Stream<Item = Result<cache::Packed<K>, watcher::Error>> + Send + 'static
+where
+    K: cache::Pack + std::fmt::Debug + Send + Sync + 'static,
+{
+    let store = writer.as_reader();
+    cache::touched_or_vanished(
+        reflector::reflector(
+            writer,
+            watcher(api, config)
+                .default_backoff()
+                .map_ok(cache::pack_event),
+        ),
+        store,
+    )
 }
 
 /// Metadata-only events of the workloads of `kind` in the watched namespaces, from the
