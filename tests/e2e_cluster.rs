@@ -725,27 +725,6 @@ async fn wait_ready_replicas(deployments: &Api<Deployment>, name: &str, want: i3
     .await;
 }
 
-/// Runs `during` while `clients` keep-alive clients send `path` to `gw` back to back,
-/// then a little longer, and returns what the clients saw.
-async fn under_load<F, Fut>(gw: &Gateway, path: &str, clients: usize, during: F) -> LoadReport
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let stop = CancellationToken::new();
-    let run = {
-        let (stop, addr, host, path) = (stop.clone(), gw.addr, gw.host.clone(), path.to_string());
-        tokio::spawn(async move {
-            let gw = Gateway::direct(addr, host);
-            load(&gw, &path, clients, stop).await
-        })
-    };
-    during().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    run.await.expect("the load run")
-}
-
 fn assert_lossless(scenario: &str, report: &LoadReport) {
     eprintln!(
         "{scenario}: {} requests, {:?} by status, {} without an answer",
@@ -776,7 +755,7 @@ async fn no_request_is_lost_under_churn() {
     let gw = gateway(&cluster, &install, &ns.name, "steady").await;
     first_answer(&gw, "/").await;
     wait_ready_replicas(&deployments, "steady", 4).await;
-    let report = under_load(&gw, "/?delay=0.2", 4, || async {
+    let ((), report) = under_load(&gw, "/?delay=0.2", 4, || async {
         apply(&test_function(&ns.name, "steady", fixed(1))).expect("applies");
         wait_ready_replicas(&deployments, "steady", 1).await;
         // The stopped pods are gone, not only unready.
@@ -805,7 +784,7 @@ async fn no_request_is_lost_under_churn() {
 
     // 2. A template rollout under load: every pod is replaced.
     let mut rolled = test_function(&ns.name, "steady", fixed(2));
-    let report = under_load(&gw, "/?delay=0.2", 4, || async {
+    let ((), report) = under_load(&gw, "/?delay=0.2", 4, || async {
         apply(&rolled).expect("applies");
         wait_ready_replicas(&deployments, "steady", 2).await;
         rolled["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -833,7 +812,7 @@ async fn no_request_is_lost_under_churn() {
 
     // 3. An activator stopped (SIGTERM) with slow requests in flight, another running.
     let victim = install.pods(&cluster, "activator").await[0].name_any();
-    let report = under_load(&gw, "/?delay=2", 8, || async {
+    let ((), report) = under_load(&gw, "/?delay=2", 8, || async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let pods: Api<k8s_openapi::api::core::v1::Pod> =
             Api::namespaced(cluster.client.clone(), &system);
@@ -899,7 +878,7 @@ async fn no_request_is_lost_under_churn() {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s)
                 .expect("signal the API server")
         };
-        let report = under_load(&gw, "/?delay=0.1", 4, || async {
+        let ((), report) = under_load(&gw, "/?delay=0.1", 4, || async {
             signal(nix::sys::signal::Signal::SIGSTOP);
             tokio::time::sleep(Duration::from_secs(20)).await;
             signal(nix::sys::signal::Signal::SIGCONT);
@@ -941,7 +920,7 @@ async fn no_request_is_lost_under_churn() {
         let gw = gateway(&cluster, &install, &ns.name, &name).await;
         // Load from zero until the Function has served for 12 s: how long the platform
         // takes to start the first pod is its own business (a busy cluster takes longer).
-        let report = under_load(&gw, "/?delay=0.2", 4, || async {
+        let ((), report) = under_load(&gw, "/?delay=0.2", 4, || async {
             eventually(
                 "the first replica to be ready",
                 Duration::from_secs(120),

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use e2e_support::{
-    Install, LoadReport, TestNamespace, apply, cluster, eventually, get, kubectl, load,
-    service_gateway, test_function,
+    Install, TestNamespace, apply, cluster, eventually, get, kubectl, service_gateway,
+    test_function, under_load,
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -35,7 +35,6 @@ use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use zeroscale::api::Function;
 use zeroscale::operator::build::SLICE_MANAGER;
 
@@ -540,46 +539,39 @@ async fn many_functions() {
         .find(|(name, _)| before.contains(name))
         .expect("an original activator");
     let victim_ip = victim.1.ip().to_string();
-    let stop = CancellationToken::new();
-    let run = {
-        let (stop, addr, host) = (stop.clone(), gw.addr, gw.host.clone());
-        tokio::spawn(async move {
-            let gw = e2e_support::Gateway::direct(addr, host);
-            load(&gw, "/", 8, stop).await
-        })
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let t0 = Instant::now();
-    kubectl(
-        &["-n", &system, "delete", "pod", &victim.0, "--wait=false"],
-        None,
-    )
-    .expect("deleting an activator pod");
-    let unrouted = eventually(
-        "no slice to list the deleted activator",
-        Duration::from_secs(1800),
-        || {
-            let slices = slices.clone();
-            let ip = victim_ip.clone();
-            async move { (slices.listing(&ip).1 == 0).then(Instant::now) }
-        },
-    )
-    .await;
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
         Api::namespaced(cluster.client.clone(), &system);
-    eventually(
-        "the deleted activator pod gone",
-        Duration::from_secs(1800),
-        || {
-            let (pods, name) = (pods.clone(), victim.0.clone());
-            async move { pods.get_opt(&name).await.ok()?.is_none().then_some(()) }
-        },
-    )
+    let ((t0, unrouted, gone), load_report) = under_load(&gw, "/", 8, || async {
+        // The clients connected and served before the pod goes.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let t0 = Instant::now();
+        kubectl(
+            &["-n", &system, "delete", "pod", &victim.0, "--wait=false"],
+            None,
+        )
+        .expect("deleting an activator pod");
+        let unrouted = eventually(
+            "no slice to list the deleted activator",
+            Duration::from_secs(1800),
+            || {
+                let slices = slices.clone();
+                let ip = victim_ip.clone();
+                async move { (slices.listing(&ip).1 == 0).then(Instant::now) }
+            },
+        )
+        .await;
+        eventually(
+            "the deleted activator pod gone",
+            Duration::from_secs(1800),
+            || {
+                let (pods, name) = (pods.clone(), victim.0.clone());
+                async move { pods.get_opt(&name).await.ok()?.is_none().then_some(()) }
+            },
+        )
+        .await;
+        (t0, unrouted, t0.elapsed())
+    })
     .await;
-    let gone = t0.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    let load_report: LoadReport = run.await.expect("the load");
     let lost = load_report.sent - load_report.ok();
     eprintln!(
         "{test}: activator deleted: out of every slice {:?} after, pod gone after {gone:?}; {} requests, {:?} by status, {} without an answer ({lost} lost) {:?}",

@@ -910,6 +910,32 @@ impl LoadReport {
     }
 }
 
+/// Runs `during` while `clients` keep-alive clients send `path` to `gw` back to back,
+/// then 2 s longer, and returns what `during` returned and what the clients saw.
+pub async fn under_load<T, F, Fut>(
+    gw: &Gateway,
+    path: &str,
+    clients: usize,
+    during: F,
+) -> (T, LoadReport)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = {
+        let (stop, addr, host, path) = (stop.clone(), gw.addr, gw.host.clone(), path.to_string());
+        tokio::spawn(async move {
+            let gw = Gateway::direct(addr, host);
+            load(&gw, &path, clients, stop).await
+        })
+    };
+    let out = during().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    (out, run.await.expect("the load run"))
+}
+
 /// `clients` keep-alive clients sending `path` back to back through `gw` until `stop`
 /// resolves; a broken connection is reopened (a client would retry on a fresh one).
 pub async fn load(
