@@ -130,6 +130,10 @@ impl FunctionState {
 
     fn set_replicas(&self, replicas: Vec<Arc<Replica>>) {
         let replicas: Arc<[Arc<Replica>]> = Arc::from(replicas);
+        // Routed before they are published: a request that picks one finds it routed.
+        for r in replicas.iter() {
+            r.set_routed(true);
+        }
         let before = {
             let mut current = self
                 .replicas
@@ -137,9 +141,6 @@ impl FunctionState {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             std::mem::replace(&mut *current, replicas.clone())
         };
-        for r in replicas.iter() {
-            r.set_routed(true);
-        }
         for r in before.iter() {
             r.set_routed(false);
         }
