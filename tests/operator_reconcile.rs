@@ -1175,7 +1175,7 @@ async fn an_older_function_with_an_invalid_spec_does_not_keep_the_target() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn events_are_not_remembered_past_the_series_window() {
+async fn a_repeated_event_joins_its_series_until_the_window_has_passed() {
     use kube::Resource;
     use kube::runtime::events::{Event, EventType};
     use zeroscale::operator::events::SERIES_WINDOW;
@@ -1191,23 +1191,53 @@ async fn events_are_not_remembered_past_the_series_window() {
     };
     let send = || async {
         let _ = h.context.events.publish(&event, &f.object_ref(&())).await;
-        let calls = h.api.take_calls();
-        let call = calls
-            .iter()
+        h.api
+            .take_calls()
+            .into_iter()
             .find(|c| c.path.contains("/events"))
-            .expect("an Event call");
-        call.method.clone()
+            .expect("an Event call")
     };
-    assert_eq!(send().await, "POST", "a new Event");
-    assert_eq!(send().await, "PATCH", "a repeat joins its series");
+    let created = send().await;
+    assert_eq!(created.method, "POST", "a new Event");
+    assert_eq!(created.body["reason"], "Failed");
+    assert_eq!(created.body["type"], "Warning");
+    assert_eq!(created.body["regarding"]["name"], "hello");
+    let name = created.body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
-    // Sent a minute ago: still remembered.
+    let repeat = send().await;
+    assert_eq!(repeat.method, "PATCH", "a repeat joins its series");
+    assert!(
+        repeat.path.ends_with(&format!("/events/{name}")),
+        "{}",
+        repeat.path
+    );
+    assert_eq!(repeat.body["series"]["count"], 2);
+
+    // Seen a minute ago: still the same series, even after a prune.
     tokio::time::advance(std::time::Duration::from_secs(60)).await;
-    assert!(!h.context.events.forget_if_idle());
-    assert_eq!(send().await, "PATCH");
+    assert_eq!(h.context.events.prune(), 1);
+    assert_eq!(send().await.body["series"]["count"], 3);
 
-    // Nothing sent for the whole window: forgotten, so the memory is given back.
+    // Gone from the API server (it keeps Events an hour): the repeat starts a new one.
+    h.api.failures.lock().unwrap().insert(
+        ("PATCH".into(), repeat.path.clone()),
+        (404, "not found".into()),
+    );
+    let _ = h.context.events.publish(&event, &f.object_ref(&())).await;
+    let methods: Vec<String> = h
+        .api
+        .take_calls()
+        .into_iter()
+        .filter(|c| c.path.contains("/events"))
+        .map(|c| c.method)
+        .collect();
+    assert_eq!(methods, ["PATCH", "POST"]);
+
+    // Nothing for the whole window: forgotten, so the memory is given back.
     tokio::time::advance(SERIES_WINDOW).await;
-    assert!(h.context.events.forget_if_idle());
-    assert_eq!(send().await, "POST", "a new recorder, an empty cache");
+    assert_eq!(h.context.events.prune(), 0);
+    assert_eq!(send().await.method, "POST", "a new Event object");
 }

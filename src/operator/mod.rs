@@ -488,9 +488,9 @@ pub async fn run_controller(
         fights: Default::default(),
     });
     info!(namespace = ns.unwrap_or("<all>"), "reconciling Functions");
-    let forgetting = {
+    let pruning = {
         let (context, stop) = (context.clone(), stop.clone());
-        tokio::spawn(async move { context.events.forget_idle_until(stop).await })
+        tokio::spawn(async move { context.events.prune_until(stop).await })
     };
     Controller::for_stream(function_events, functions)
         // Bounded parallelism, and a short debounce so a burst of pod status updates
@@ -531,7 +531,7 @@ pub async fn run_controller(
         })
         .await;
     stop.cancel();
-    forgetting.abort();
+    pruning.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), follower).await;
     info!("controller stopped");
 }
