@@ -23,6 +23,13 @@
 //! change, never per tick. A Deployment also keeps its replicas and ready replicas
 //! typed, which the autoscaler reads every second.
 //!
+//! Even as JSON, the four objects of a Function were 3.4 KB (heaptrack, 2,000
+//! Functions), and they are nearly all alike: the same keys, the same server defaults,
+//! the Function's name over again. So each body is LZ4-compressed against a dictionary,
+//! the first body of its kind the operator packed (up to [`DICTIONARY_LEN`] bytes, kept
+//! for the life of the process): what is the same as in that object costs a few bytes
+//! of back-reference. Decompressing is a memory copy's work, a few microseconds per read.
+//!
 //! The Deployments are watched once and shared: the autoscaler reads the scale from the
 //! reconciler's cache instead of a second watch. The pod slices of the private Services
 //! are not cached by the reconciler at all (it never reads them; the autoscaler and the
@@ -30,7 +37,7 @@
 
 use std::borrow::Cow;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -66,6 +73,9 @@ pub struct Replicas {
     pub ready: i32,
 }
 
+/// The longest dictionary a kind's bodies are compressed against.
+pub const DICTIONARY_LEN: usize = 16 * 1024;
+
 /// An object that can be cached [`Packed`].
 pub trait Pack: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone {
     /// Trims what no code reads (see the module docs).
@@ -74,9 +84,22 @@ pub trait Pack: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clon
     fn replicas(&self) -> Replicas {
         Replicas::default()
     }
+    /// The dictionary this kind's bodies are compressed against, once set.
+    fn dictionary() -> &'static OnceLock<Box<[u8]>>;
+}
+
+/// A `fn dictionary` with its own static.
+macro_rules! dictionary {
+    () => {
+        fn dictionary() -> &'static OnceLock<Box<[u8]>> {
+            static DICTIONARY: OnceLock<Box<[u8]>> = OnceLock::new();
+            &DICTIONARY
+        }
+    };
 }
 
 impl Pack for Deployment {
+    dictionary!();
     fn trim(&mut self) {
         trim_deployment(self);
     }
@@ -93,12 +116,14 @@ impl Pack for Deployment {
 }
 
 impl Pack for Service {
+    dictionary!();
     fn trim(&mut self) {
         trim_service(self);
     }
 }
 
 impl Pack for EndpointSlice {
+    dictionary!();
     fn trim(&mut self) {
         trim_slice(self);
     }
@@ -127,13 +152,17 @@ impl<K: Pack> Packed<K> {
         m.owner_references = None;
         m.creation_timestamp = None;
         // Serializing a typed object that was just decoded cannot fail; an empty body
-        // would unpack as an empty object (and be re-applied), never as a wrong one.
+        // would not unpack, and the reconciler reads an object it cannot unpack from
+        // the API server, never a wrong one.
         let mut body = serde_json::to_value(&object).unwrap_or_default();
         if let Some(o) = body.as_object_mut() {
             o.remove("apiVersion");
             o.remove("kind");
         }
-        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let dictionary =
+            K::dictionary().get_or_init(|| json[..json.len().min(DICTIONARY_LEN)].into());
+        let body = lz4_flex::block::compress_prepend_size_with_dict(&json, dictionary);
         Self {
             metadata,
             body: body.into_boxed_slice(),
@@ -144,7 +173,10 @@ impl<K: Pack> Packed<K> {
 
     /// The object as it was cached (trimmed; without its creation timestamp).
     pub fn unpack(&self) -> Result<K, serde_json::Error> {
-        let mut object: K = serde_json::from_slice(&self.body)?;
+        let dictionary = K::dictionary().get().map_or(&[][..], |d| &d[..]);
+        let json = lz4_flex::block::decompress_size_prepended_with_dict(&self.body, dictionary)
+            .map_err(<serde_json::Error as serde::de::Error>::custom)?;
+        let mut object: K = serde_json::from_slice(&json)?;
         let m = object.meta_mut();
         m.name = self.metadata.name.clone();
         m.namespace = self.metadata.namespace.clone();
@@ -159,7 +191,7 @@ impl<K: Pack> Packed<K> {
         self.replicas
     }
 
-    /// Bytes held by the packed body (tests, benchmarks).
+    /// Bytes held by the packed (compressed) body (tests, benchmarks).
     pub fn body_len(&self) -> usize {
         self.body.len()
     }
@@ -469,6 +501,28 @@ mod tests {
         );
         assert_eq!(<Packed<Deployment> as Resource>::kind(&()), "Deployment");
         assert_eq!(<Packed<Deployment> as Resource>::plural(&()), "deployments");
+    }
+
+    /// The bodies of a kind are compressed against the first one packed: a Function's
+    /// objects cost a fraction of their JSON (issue 16), and read back whole.
+    #[test]
+    fn packed_bodies_are_compressed_against_the_first_of_their_kind() {
+        let first = Packed::pack(deployment());
+        let mut other = deployment();
+        other.metadata.name = Some("fn-00042".into());
+        other.metadata.uid = Some("1f0c7c2e-5b7e-4c59-9d0e-3a3d8e0f4b21".into());
+        let mut trimmed = other.clone();
+        trim_deployment(&mut trimmed);
+        trimmed.metadata.creation_timestamp = None;
+        let json_len = serde_json::to_vec(&trimmed).unwrap().len();
+        let packed = Packed::pack(other);
+        assert!(
+            packed.body_len() * 4 < json_len,
+            "{} bytes packed for {json_len} of JSON",
+            packed.body_len()
+        );
+        assert_eq!(packed.unpack().unwrap(), trimmed);
+        assert!(first.unpack().is_ok());
     }
 
     #[test]
