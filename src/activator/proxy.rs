@@ -37,6 +37,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static COLD_START: HeaderName = HeaderName::from_static(COLD_START_HEADER);
 const ZEROSCALE_PREFIX: &str = "x-zeroscale-";
+const FORWARDED_PREFIX: &str = "x-forwarded-";
 
 /// What the proxy knows of a client connection, computed once per connection.
 pub(crate) struct ConnInfo {
@@ -69,7 +70,8 @@ pub(crate) async fn handle(
     client: &ClientConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let Some(host) = request_host(&req) else {
+    let head = RequestHead::of(req.headers());
+    let Some(host) = request_host(head.host.as_ref(), req.uri()) else {
         return ProxyError::BadRequest("missing or malformed Host").into_response();
     };
     let found = act.table().lookup(&host);
@@ -89,7 +91,7 @@ pub(crate) async fn handle(
     );
     // No span per request: the events below carry the Function themselves, and a span
     // (even a disabled one) costs its setup on every request.
-    let resp = match forward(act, &fs, &conf, traffic, guard, client, req).await {
+    let resp = match forward(act, &fs, &conf, traffic, guard, client, req, head).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.status() == StatusCode::BAD_GATEWAY {
@@ -106,11 +108,12 @@ pub(crate) async fn handle(
     resp
 }
 
-/// The host a request is for: `Host`, else the URI authority (HTTP/2), normalised.
-fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
-    match req.headers().get(header::HOST) {
+/// The host a request is for: its `Host` header, else the URI authority (HTTP/2),
+/// normalised.
+fn request_host<'a>(host: Option<&'a HeaderValue>, uri: &'a Uri) -> Option<Cow<'a, str>> {
+    match host {
         Some(h) => normalize_host_ref(h.to_str().ok()?),
-        None => normalize_host_ref(req.uri().authority()?.as_str()),
+        None => normalize_host_ref(uri.authority()?.as_str()),
     }
 }
 
@@ -123,6 +126,7 @@ async fn forward(
     mut guard: RequestGuard,
     client: &ClientConn,
     mut req: Request<Incoming>,
+    head: RequestHead,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if let Some(reason) = &conf.invalid {
         return Err(ProxyError::InvalidFunction {
@@ -131,20 +135,20 @@ async fn forward(
         });
     }
     let limit = act.settings.max_body_bytes;
-    if content_length(req.headers()).is_some_and(|len| len > limit) {
+    if head.content_length.is_some_and(|len| len > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let scan = HeaderScan::of(req.headers());
+    let scan = head.scan;
     let upgrade = if scan.connection {
         upgrade_protocol(&req)
     } else {
         None
     };
     // HTTP/2 has no Host header: the replica gets the authority's host instead.
-    let fallback_host = if req.headers().contains_key(header::HOST) {
+    let fallback_host = if head.host.is_some() {
         None
     } else {
-        request_host(&req).and_then(|h| HeaderValue::try_from(h.as_ref()).ok())
+        request_host(None, req.uri()).and_then(|h| HeaderValue::try_from(h.as_ref()).ok())
     };
     // The response speaks the client's HTTP version, not the replica's: an HTTP/1.0
     // replica (python's http.server) must not cost an HTTP/1.1 client its keep-alive.
@@ -154,6 +158,7 @@ async fn forward(
     prepare_request_headers(
         &mut parts.headers,
         scan,
+        head.host,
         &client.info,
         fallback_host,
         upgrade,
@@ -408,29 +413,77 @@ fn copy_request(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     copy
 }
 
-/// What one pass over a message's header names finds: most messages carry no hop-by-hop
-/// or `X-Zeroscale-*` header, and then no removal (a hash lookup each) is needed.
+/// What one pass over a message's header names finds: most messages carry no hop-by-hop,
+/// `X-Zeroscale-*` or `X-Forwarded-*` header, and then no removal or replacement (a hash
+/// lookup each) is needed.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct HeaderScan {
     hop_by_hop: bool,
     connection: bool,
     ours: bool,
     cold_start: bool,
+    forwarded: bool,
 }
 
 impl HeaderScan {
     pub(crate) fn of(headers: &HeaderMap) -> Self {
         let mut scan = Self::default();
         for name in headers.keys() {
-            if is_hop_by_hop(name) {
-                scan.hop_by_hop = true;
-                scan.connection |= name == header::CONNECTION;
-            } else if name.as_str().starts_with(ZEROSCALE_PREFIX) {
-                scan.ours = true;
-                scan.cold_start |= name == COLD_START;
-            }
+            scan.add(name);
         }
         scan
+    }
+
+    fn add(&mut self, name: &HeaderName) {
+        if is_hop_by_hop(name) {
+            self.hop_by_hop = true;
+            self.connection |= name == header::CONNECTION;
+        } else if let Some(rest) = name.as_str().strip_prefix("x-") {
+            if rest.starts_with(&ZEROSCALE_PREFIX[2..]) {
+                self.ours = true;
+                self.cold_start |= name == COLD_START;
+            } else if rest.starts_with(&FORWARDED_PREFIX[2..]) {
+                self.forwarded = true;
+            }
+        }
+    }
+}
+
+/// What the proxy reads of a request's headers, in one pass over them instead of a hash
+/// lookup for each header it needs.
+pub(crate) struct RequestHead {
+    scan: HeaderScan,
+    /// The first `Host` value.
+    host: Option<HeaderValue>,
+    /// The first `Content-Length` value, when it is a number.
+    content_length: Option<u64>,
+}
+
+impl RequestHead {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let mut scan = HeaderScan::default();
+        let mut host = None;
+        let mut content_length = None;
+        let mut length_seen = false;
+        for (name, value) in headers {
+            if name == header::HOST {
+                if host.is_none() {
+                    host = Some(value.clone());
+                }
+            } else if name == header::CONTENT_LENGTH {
+                if !length_seen {
+                    length_seen = true;
+                    content_length = value.to_str().ok().and_then(|v| v.parse().ok());
+                }
+            } else {
+                scan.add(name);
+            }
+        }
+        Self {
+            scan,
+            host,
+            content_length,
+        }
     }
 }
 
@@ -442,15 +495,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::UPGRADE
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn is_body_too_large(e: &(dyn StdError + 'static)) -> bool {
@@ -530,16 +574,16 @@ fn connection_listed(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
 
 /// Makes a client's request head fit to send on: hop-by-hop and `X-Zeroscale-*` headers
 /// removed, `X-Forwarded-*` set (the client's own kept only behind a trusted proxy),
-/// `Host` present (`fallback_host` when the client sent none). `scan` is
-/// [`HeaderScan::of`] these headers.
+/// `Host` present (`fallback_host` when the client sent none). `scan` and `original_host`
+/// are the [`RequestHead`] of these headers.
 pub(crate) fn prepare_request_headers(
     headers: &mut HeaderMap,
     scan: HeaderScan,
+    original_host: Option<HeaderValue>,
     conn: &ConnInfo,
     fallback_host: Option<HeaderValue>,
     upgrade: Option<HeaderValue>,
 ) {
-    let original_host = headers.get(header::HOST).cloned();
     if scan.hop_by_hop {
         strip_hop_by_hop(headers, false);
     }
@@ -554,8 +598,17 @@ pub(crate) fn prepare_request_headers(
         }
     }
 
-    let host_value = original_host.clone().or(fallback_host);
-    if conn.trusted {
+    let had_host = original_host.is_some();
+    let host_value = original_host.or(fallback_host);
+    if !scan.forwarded {
+        // None to extend or replace (trusted or not, the outcome is the same): appends,
+        // which skip an insert's search for earlier values.
+        headers.append(X_FORWARDED_FOR.clone(), conn.peer_ip.clone());
+        headers.append(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        if let Some(h) = &host_value {
+            headers.append(X_FORWARDED_HOST.clone(), h.clone());
+        }
+    } else if conn.trusted {
         let prior: Vec<&[u8]> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -586,9 +639,7 @@ pub(crate) fn prepare_request_headers(
             None => headers.remove(&X_FORWARDED_HOST),
         };
     }
-    if original_host.is_none()
-        && let Some(h) = host_value
-    {
+    if !had_host && let Some(h) = host_value {
         headers.insert(header::HOST, h);
     }
     if let Some(proto) = upgrade {
@@ -905,8 +956,8 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-zeroscale-cold-start", "true"),
         ]);
-        let scan = HeaderScan::of(&h);
-        prepare_request_headers(&mut h, scan, &conn, None, None);
+        let head = RequestHead::of(&h);
+        prepare_request_headers(&mut h, head.scan, head.host, &conn, None, None);
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-host"], "f.ns");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -921,21 +972,59 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        let scan = HeaderScan::of(&h);
-        prepare_request_headers(&mut h, scan, &conn, None, None);
+        let head = RequestHead::of(&h);
+        prepare_request_headers(&mut h, head.scan, head.host, &conn, None, None);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "f.ns");
     }
 
     #[test]
+    fn a_trusted_proxy_without_forwarding_headers_gets_fresh_ones() {
+        let conn = ConnInfo::for_test("10.0.0.9".parse().unwrap(), true);
+        let mut h = headers(&[("host", "f.ns"), ("x-other", "1")]);
+        let head = RequestHead::of(&h);
+        prepare_request_headers(&mut h, head.scan, head.host, &conn, None, None);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "f.ns");
+        assert_eq!(h.len(), 5);
+    }
+
+    #[test]
+    fn one_spoofed_forwarding_header_is_enough_to_replace_them_all() {
+        let conn = ConnInfo::for_test("192.0.2.7".parse().unwrap(), false);
+        let mut h = headers(&[("host", "f.ns"), ("x-forwarded-proto", "https")]);
+        let head = RequestHead::of(&h);
+        prepare_request_headers(&mut h, head.scan, head.host, &conn, None, None);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h.get_all("x-forwarded-proto").iter().count(), 1);
+    }
+
+    #[test]
+    fn the_first_host_and_content_length_are_read() {
+        let h = headers(&[
+            ("host", "a.ns"),
+            ("content-length", "12"),
+            ("host", "b.ns"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ]);
+        let head = RequestHead::of(&h);
+        assert_eq!(head.host.unwrap(), "a.ns");
+        assert_eq!(head.content_length, Some(12));
+        assert!(head.scan.forwarded);
+    }
+
+    #[test]
     fn upgrade_headers_survive_on_upgrades() {
         let conn = ConnInfo::for_test("192.0.2.7".parse().unwrap(), false);
         let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        let scan = HeaderScan::of(&h);
+        let head = RequestHead::of(&h);
         prepare_request_headers(
             &mut h,
-            scan,
+            head.scan,
+            head.host,
             &conn,
             Some(HeaderValue::from_static("f.ns")),
             Some(HeaderValue::from_static("websocket")),
