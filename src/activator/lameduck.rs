@@ -123,7 +123,7 @@ pub async fn wait_until_unrouted(
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    let config = watcher::Config::default().labels(&format!(
+    let config = crate::platform::kube::paged_watch().labels(&format!(
         "endpointslice.kubernetes.io/managed-by={SLICE_MANAGER}"
     ));
     let mut events = watcher(api, config).default_backoff().boxed();

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::{Defaults, FUNCTION_LABEL, Function, TargetKind};
-use crate::platform::kube::KubePlatform;
+use crate::platform::kube::{KubePlatform, paged_watch};
 use crate::telemetry::{self, Readiness};
 
 /// Reconciles in flight at once.
@@ -374,7 +374,7 @@ pub async fn run_controller(
         slice_writes_per_second,
     } = args;
     let ns = namespace.as_deref();
-    let labelled = watcher::Config::default().labels(FUNCTION_LABEL);
+    let labelled = paged_watch().labels(FUNCTION_LABEL);
 
     // Every cached object is trimmed to what is read before it is stored, and the
     // objects a Function owns are packed (see `cache`).
@@ -391,7 +391,7 @@ pub async fn run_controller(
     let (slices, writer) = reflector::store();
     let slice_events = owned_events(
         api::<EndpointSlice>(&client, ns),
-        watcher::Config::default().labels(&format!(
+        paged_watch().labels(&format!(
             "{FUNCTION_LABEL},endpointslice.kubernetes.io/managed-by={}",
             build::SLICE_MANAGER
         )),
@@ -415,7 +415,7 @@ pub async fn run_controller(
     let index = targets.clone();
     let function_events = reflector::reflector(
         writer,
-        watcher(api::<Function>(&client, ns), watcher::Config::default())
+        watcher(api::<Function>(&client, ns), paged_watch())
             .default_backoff()
             .modify(cache::trim_function),
     )
@@ -574,7 +574,7 @@ where
     let api = api::<PartialObjectMeta<K>>(client, namespace);
     let index = index.clone();
     futures::stream::once(async move { index.wanted(kind).await }).flat_map(move |()| {
-        watcher(api.clone(), watcher::Config::default())
+        watcher(api.clone(), paged_watch())
             .default_backoff()
             .touched_objects()
     })

@@ -81,10 +81,7 @@ fn is_collection(path: &str) -> bool {
 
 /// The label selector of a query (`k=v` and `k` terms only).
 fn selector(query: &str) -> Vec<(String, Option<String>)> {
-    let Some(raw) = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("labelSelector="))
-    else {
+    let Some(raw) = param(query, "labelSelector") else {
         return Vec::new();
     };
     let decoded = raw
@@ -100,13 +97,21 @@ fn selector(query: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// A query parameter's raw value.
+fn param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
 /// A LIST of the objects directly under a collection path (all namespaces when the
-/// path has none), filtered by the label selector.
+/// path has none), filtered by the label selector, in pages when the client sets a
+/// `limit` (the `continue` token is the index of the next object, by path).
 fn list(objects: &HashMap<String, Value>, call: &Call) -> Value {
     let plural = call.path.rsplit('/').next().unwrap_or_default();
     let namespaced = call.path.contains("/namespaces/");
     let terms = selector(&call.query);
-    let items: Vec<Value> = objects
+    let mut items: Vec<(&String, &Value)> = objects
         .iter()
         .filter(|(path, _)| {
             if namespaced {
@@ -117,8 +122,7 @@ fn list(objects: &HashMap<String, Value>, call: &Call) -> Value {
                 path.starts_with(prefix) && path.rsplit('/').nth(1) == Some(plural)
             }
         })
-        .map(|(_, o)| o.clone())
-        .filter(|o| {
+        .filter(|(_, o)| {
             terms.iter().all(|(k, v)| {
                 let have = o["metadata"]["labels"][k].as_str();
                 match v {
@@ -128,8 +132,23 @@ fn list(objects: &HashMap<String, Value>, call: &Call) -> Value {
             })
         })
         .collect();
-    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"},
-           "items": items})
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    let start = param(&call.query, "continue")
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(items.len());
+    let end = param(&call.query, "limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .map_or(items.len(), |l| (start + l).min(items.len()));
+    let page: Vec<Value> = items[start..end]
+        .iter()
+        .map(|(_, o)| (*o).clone())
+        .collect();
+    let mut metadata = json!({"resourceVersion": "1"});
+    if end < items.len() {
+        metadata["continue"] = json!(end.to_string());
+    }
+    json!({"apiVersion": "v1", "kind": "List", "metadata": metadata, "items": page})
 }
 
 impl FakeApi {
