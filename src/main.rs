@@ -5,10 +5,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use zeroscale::telemetry::{self, LogFormat};
 
-/// mimalloc rather than glibc's malloc: see BENCHMARKS.md, "Data-plane steps".
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// zeroscale runs HTTP workloads on Kubernetes that scale to zero when idle.
 #[derive(Debug, Parser)]
 #[command(name = "zeroscale", version, about, long_about = None)]
