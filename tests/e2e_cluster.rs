@@ -612,7 +612,29 @@ async fn the_chart_installs_and_serves_scales_fails_fast_and_cleans_up() {
         },
     )
     .await;
-    eprintln!("ok: back to zero when idle");
+    // The autoscaler's decisions are Events on the Function (`kubectl describe`), one
+    // for each different decision.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.client.clone(), &ns.name);
+    let scaled = eventually("Scaled Events", Duration::from_secs(30), || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        let notes: Vec<String> = list
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some("Scaled")
+                    && e.reporting_controller.as_deref() == Some("zeroscale-autoscaler")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("echo")
+            })
+            .filter_map(|e| e.note)
+            .collect();
+        notes
+            .iter()
+            .any(|n| n.starts_with("scaled to 0"))
+            .then_some(notes)
+    })
+    .await;
+    eprintln!("ok: back to zero when idle; Scaled Events: {scaled:?}");
 
     // A Function that can't start: requests fail fast with the kubelet's reason.
     for (name, container, reason) in [

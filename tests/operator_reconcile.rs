@@ -1216,9 +1216,23 @@ async fn a_repeated_event_joins_its_series_until_the_window_has_passed() {
     );
     assert_eq!(repeat.body["series"]["count"], 2);
 
+    // Another note is another Event (a note cannot change once created).
+    let other = Event {
+        type_: EventType::Warning,
+        reason: "Failed".into(),
+        note: Some("something else".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let _ = h.context.events.publish(&other, &f.object_ref(&())).await;
+    let calls = h.api.take_calls();
+    let call = calls.iter().find(|c| c.path.contains("/events")).unwrap();
+    assert_eq!(call.method, "POST", "another note is a new Event");
+    assert_eq!(call.body["note"], "something else");
+
     // Seen a minute ago: still the same series, even after a prune.
     tokio::time::advance(std::time::Duration::from_secs(60)).await;
-    assert_eq!(h.context.events.prune(), 1);
+    assert_eq!(h.context.events.prune(), 2);
     assert_eq!(send().await.body["series"]["count"], 3);
 
     // Gone from the API server (it keeps Events an hour): the repeat starts a new one.

@@ -7,7 +7,7 @@
 //! Functions are created together, each one's `Created` Event stays in memory, about
 //! 3 KB per Function with its map (measured with heaptrack, issue 16). So the series are
 //! kept here instead, as client-go's correlator does, in a bounded map: per Event only a
-//! 64-bit hash of what makes two Events the same (type, action, reason, the object
+//! 64-bit hash of what makes two Events the same (type, action, reason, note, the object
 //! referred to, the reporter), the name of the object it became, its count and when it
 //! was last seen; at most [`MAX_SERIES`] of them, the oldest forgotten first, and none
 //! older than the window. A forgotten repeat is only a new Event object, never a lost one.
@@ -134,13 +134,16 @@ impl Events {
         self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What makes two Events the same one (the note does not: a repeat keeps the first
-    /// note, as with kube's recorder).
+    /// What makes two Events the same one. The note too: an Event's note cannot change
+    /// once it is created, so a repeat with another note (the autoscaler's "scaled to 4"
+    /// after "scaled to 1") is a new Event, or `kubectl describe` would show the first
+    /// note counted for both.
     fn key(&self, event: &Event, reference: &ObjectReference) -> u64 {
         let mut h = DefaultHasher::new();
         matches!(event.type_, EventType::Warning).hash(&mut h);
         event.action.hash(&mut h);
         event.reason.hash(&mut h);
+        event.note.hash(&mut h);
         self.reporter.controller.hash(&mut h);
         self.reporter.instance.hash(&mut h);
         for r in std::iter::once(reference).chain(event.secondary.as_ref()) {

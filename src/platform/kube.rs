@@ -32,7 +32,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -44,6 +44,7 @@ use super::{
 };
 use crate::api::{FUNCTION_LABEL, Function, FunctionKey, TargetKind};
 use crate::operator::cache::Packed;
+use crate::operator::events::Events;
 
 /// How many objects one request of a watch's list (at start, and at every relist) asks
 /// for. The API server's answer is decoded whole, every object with all its fields,
@@ -213,7 +214,9 @@ where
 pub struct KubePlatform {
     client: kube::Client,
     namespace: Option<String>,
-    recorder: Recorder,
+    /// Scale Events, with their series bounded in memory (kube's `Recorder` keeps every
+    /// Event it sent: see `operator::events`).
+    recorder: Arc<Events>,
     /// Functions' Deployments from one watch, when enabled: the autoscaler reads every
     /// Function's scale each tick, and a GET per Function per second would load the API
     /// server with the Function count.
@@ -227,7 +230,10 @@ impl KubePlatform {
     /// Watches Functions in `namespace` (all namespaces when `None`).
     pub fn new(client: kube::Client, namespace: Option<String>) -> Self {
         // The instance is the host name, which is the pod name in a cluster.
-        let recorder = Recorder::new(client.clone(), Reporter::from("zeroscale-autoscaler"));
+        let recorder = Arc::new(Events::new(
+            client.clone(),
+            Reporter::from("zeroscale-autoscaler"),
+        ));
         Self {
             client,
             namespace,
