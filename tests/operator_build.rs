@@ -892,3 +892,24 @@ fn edit_template(f: &mut zeroscale::api::Function, edit: impl FnOnce(&mut serde_
     edit(&mut value);
     *template = zeroscale::api::PodTemplate::from_value(value);
 }
+
+/// Thousands of Functions in a namespace are twice as many Services; their Docker-link
+/// variables in every container would exceed what a process may be started with.
+#[test]
+fn service_links_are_off_unless_the_template_asks_for_them() {
+    let f = hello();
+    let d = build::build(&f, &config(&f), Replicas::Create(0), None).unwrap();
+    let spec = d.deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(spec.enable_service_links, Some(false));
+
+    let mut value = serde_json::to_value(hello()).unwrap();
+    value["spec"]["template"]["spec"]["enableServiceLinks"] = serde_json::json!(true);
+    let wants: Function = serde_json::from_value(value).unwrap();
+    let d = build::build(&wants, &config(&wants), Replicas::Create(0), None).unwrap();
+    let spec = d.deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        spec.enable_service_links,
+        Some(true),
+        "the user's choice is kept"
+    );
+}

@@ -19,6 +19,18 @@
 //! of its own keeps it (and its app drains itself); without a known activator Service
 //! address there is no hook and the user's grace period is kept.
 
+//!
+//! # No Service links by default
+//!
+//! Every Function has two Services, so a namespace of N Functions holds 2N of them, and
+//! the kubelet gives every container of the namespace about seven environment variables
+//! per Service (Docker links' `NAME_SERVICE_HOST`, `NAME_PORT_80_TCP`, ...): at 10,000
+//! Functions 140,000 variables, past the kernel's limit on a process's environment, and
+//! a container that cannot start (`argument list too long`; at 10,000 Functions on the
+//! stand-in node the wake Function's pod never started). So the Deployment's template
+//! sets `enableServiceLinks: false`, as Knative does, unless the user's template sets it;
+//! DNS names, or the `default/kubernetes` variables the kubelet always sets, remain.
+
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
@@ -275,6 +287,10 @@ pub fn build(
         .labels
         .get_or_insert_with(BTreeMap::new)
         .extend(selector.clone());
+    // No Service links unless the template asks for them (see the module docs).
+    if let Some(spec) = template.spec.as_mut() {
+        spec.enable_service_links.get_or_insert(false);
+    }
     if let Some(hook) = activators.and_then(|a| a.drain.as_ref()) {
         add_drain_hook(
             &mut template,
