@@ -185,6 +185,12 @@ impl IdleConns {
         }
     }
 
+    /// An idle connection of this thread, if one is ready: the common case of
+    /// [`Self::acquire`], without its future.
+    pub(crate) fn checkout_here(&self) -> Option<Conn> {
+        self.checkout(WORKER.get())
+    }
+
     fn wake_one(&self) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.changed.notify_one();

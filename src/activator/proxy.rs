@@ -154,24 +154,25 @@ async fn forward(
     // replica (python's http.server) must not cost an HTTP/1.1 client its keep-alive.
     let client_version = req.version();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    // The head is edited where it is (each move of a request head is a copy of a few
+    // hundred bytes).
     prepare_request_headers(
-        &mut parts.headers,
+        req.headers_mut(),
         scan,
         head.host,
         &client.info,
         fallback_host,
         upgrade,
     );
-    let path = parts
-        .uri
+    let path = req
+        .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let mut up = Request::from_parts(parts, UpstreamBody::new(body, limit));
-    *up.version_mut() = Version::HTTP_11;
+    *req.version_mut() = Version::HTTP_11;
     // Origin-form on the wire, whatever form the client used.
-    *up.uri_mut() = Uri::from(path);
+    *req.uri_mut() = Uri::from(path);
+    let mut up = req.map(|body| UpstreamBody::new(body, limit));
 
     let deadline = guard.start + conf.activation;
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -205,19 +206,24 @@ async fn forward(
             guard.start
         };
         let request_deadline = admitted_at + conf.request;
-        let acquired = client
-            .bound(
-                client_version,
-                request_deadline,
-                replica
-                    .idle
-                    .acquire(replica.addr, act.settings.connect_timeout),
-            )
-            .await
-            .map_err(|_| ProxyError::RequestTimeout {
-                key: fs.key.clone(),
-                timeout: conf.request,
-            })?;
+        // An idle connection of this thread is taken without building (and moving) the
+        // future that would connect.
+        let acquired = match replica.idle.checkout_here() {
+            Some(conn) => Ok((conn, true)),
+            None => client
+                .bound(
+                    client_version,
+                    request_deadline,
+                    replica
+                        .idle
+                        .acquire(replica.addr, act.settings.connect_timeout),
+                )
+                .await
+                .map_err(|_| ProxyError::RequestTimeout {
+                    key: fs.key.clone(),
+                    timeout: conf.request,
+                })?,
+        };
         let (mut upstream, pooled) = match acquired {
             Ok(c) => c,
             Err(e) => {
@@ -250,14 +256,10 @@ async fn forward(
                 continue;
             }
         };
-        match client
-            .bound(
-                client_version,
-                request_deadline,
-                upstream.try_send_request(up),
-            )
-            .await
-        {
+        // Pinned where it is: the future holds the request until it is sent.
+        let sent = upstream.try_send_request(up);
+        tokio::pin!(sent);
+        match client.bound(client_version, request_deadline, sent).await {
             Err(_) => {
                 return Err(ProxyError::RequestTimeout {
                     key: fs.key.clone(),
@@ -361,26 +363,21 @@ async fn forward(
         return Ok(Response::from_parts(parts, ProxyBody::empty()));
     }
 
-    let (mut parts, body) = resp.into_parts();
-    parts.version = client_version;
-    let scan = HeaderScan::of(&parts.headers);
+    *resp.version_mut() = client_version;
+    let headers = resp.headers_mut();
+    let scan = HeaderScan::of(headers);
     if scan.hop_by_hop {
-        strip_hop_by_hop(&mut parts.headers, false);
+        strip_hop_by_hop(headers, false);
     }
     // Only the activator says whether a response waited for a wake.
     if scan.cold_start {
-        parts.headers.remove(&COLD_START);
+        headers.remove(&COLD_START);
     }
     if cold {
-        parts
-            .headers
-            .insert(COLD_START.clone(), HeaderValue::from_static("true"));
+        headers.insert(COLD_START.clone(), HeaderValue::from_static("true"));
     }
     guard.upstream = Some(upstream);
-    Ok(Response::from_parts(
-        parts,
-        ProxyBody::upstream(body, guard),
-    ))
+    Ok(resp.map(|body| ProxyBody::upstream(body, guard)))
 }
 
 /// Retries of a request on fresh connections after pooled ones turned out closed.
