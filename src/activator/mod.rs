@@ -374,7 +374,11 @@ impl Activator {
             .http1()
             // The connection's own timer enforces it (see `client`), not one per request.
             .header_read_timeout(None)
-            .max_buf_size(self.settings.max_header_bytes.max(8192));
+            .max_buf_size(self.settings.max_header_bytes.max(8192))
+            // Head and body copied into one buffer and written with one `write`, not
+            // queued for `writev`: for the small messages most are, the queue's
+            // bookkeeping costs more than the copy (BENCHMARKS.md, "Data-plane steps").
+            .writev(false);
         builder
             .http2()
             .timer(TokioTimer::new())

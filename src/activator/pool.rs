@@ -296,6 +296,8 @@ pub(crate) async fn connect(
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = http1::Builder::new()
+        // One buffer, one `write` per message, as on client connections (`Activator::run`).
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;
