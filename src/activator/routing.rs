@@ -200,15 +200,21 @@ impl Entry {
     }
 }
 
+/// A map by host name. Every request looks its host up: foldhash hashes one in a few
+/// dozen instructions where std's SipHash takes about two hundred. Flooding a map takes
+/// colliding keys in it, and only the platform's names go in (a client's host is only
+/// looked up); the seed is random per process all the same.
+type HostMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
 /// Host -> Function, and Function -> replicas.
 pub(crate) struct Table {
     /// `.svc.<cluster domain>`
     svc_domain_suffix: String,
     cluster_domain: String,
     /// By `<name>.<namespace>`, the shortest service host.
-    functions: HashMap<Box<str>, Entry>,
+    functions: HostMap<Entry>,
     /// `spec.hosts` entries, each owned by one Function.
-    extra_hosts: HashMap<Box<str>, Arc<FunctionState>>,
+    extra_hosts: HostMap<Arc<FunctionState>>,
     /// Endpoints reported for Functions not (yet) known.
     pending_endpoints: HashMap<FunctionKey, Vec<Endpoint>>,
     /// Every replica alive (in a ready set or still serving requests), by address.
@@ -227,8 +233,8 @@ impl Table {
             threads,
             svc_domain_suffix: format!(".svc.{cluster_domain}"),
             cluster_domain: cluster_domain.to_string(),
-            functions: HashMap::new(),
-            extra_hosts: HashMap::new(),
+            functions: HostMap::default(),
+            extra_hosts: HostMap::default(),
             pending_endpoints: HashMap::new(),
             replicas_by_addr: HashMap::new(),
         }
@@ -507,7 +513,7 @@ impl Table {
             .map(|e| claim_view(&e.state.key, e.created, &e.hosts))
             .collect();
         let claims = claim_hosts(claimants.iter(), &self.cluster_domain);
-        let mut extra = HashMap::new();
+        let mut extra = HostMap::default();
         for (host, owner) in claims.owners {
             if let Some(e) = self.functions.get(&short_host(&owner))
                 && e.hosts
