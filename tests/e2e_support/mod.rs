@@ -32,6 +32,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -138,7 +139,7 @@ fn node_ready(node: &Node) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Whether a stand-in node is Ready, and whether any other node is.
+/// Whether a stand-in node is running, and whether any other node is Ready.
 async fn ready_nodes(client: &Client) -> (bool, bool) {
     let nodes: Api<Node> = Api::all(client.clone());
     let items = nodes
@@ -151,7 +152,23 @@ async fn ready_nodes(client: &Client) -> (bool, bool) {
             .iter()
             .any(|n| (n.name_any() == STANDIN_NODE) == standin && node_ready(n))
     };
-    (ready(true), ready(false))
+    (ready(true) && standin_alive(client).await, ready(false))
+}
+
+/// Whether the stand-in node renewed its Lease within the last 20 s (it does every
+/// 10 s). A stand-in that just exited with a test binary, or was killed, still says
+/// Ready until the node controller notices, about 40 s later; pods bound to it would
+/// never run.
+pub async fn standin_alive(client: &Client) -> bool {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let Ok(Some(lease)) = leases.get_opt(STANDIN_NODE).await else {
+        return false;
+    };
+    let Some(renewed) = lease.spec.and_then(|s| s.renew_time) else {
+        return false;
+    };
+    let age = jiff::Timestamp::now().duration_since(renewed.0);
+    age < jiff::SignedDuration::from_secs(20)
 }
 
 async fn wait_node_ready(client: &Client) {
