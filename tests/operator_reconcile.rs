@@ -1182,13 +1182,14 @@ async fn a_repeated_event_joins_its_series_until_the_window_has_passed() {
 
     let h = harness();
     let f = hello();
-    let event = Event {
+    let failed = |note: &str| Event {
         type_: EventType::Warning,
         reason: "Failed".into(),
-        note: Some("the same thing again".into()),
+        note: Some(note.into()),
         action: "Reconcile".into(),
         secondary: None,
     };
+    let event = failed("the same thing again");
     let send = || async {
         let _ = h.context.events.publish(&event, &f.object_ref(&())).await;
         h.api
@@ -1217,13 +1218,7 @@ async fn a_repeated_event_joins_its_series_until_the_window_has_passed() {
     assert_eq!(repeat.body["series"]["count"], 2);
 
     // Another note is another Event (a note cannot change once created).
-    let other = Event {
-        type_: EventType::Warning,
-        reason: "Failed".into(),
-        note: Some("something else".into()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
+    let other = failed("something else");
     let _ = h.context.events.publish(&other, &f.object_ref(&())).await;
     let calls = h.api.take_calls();
     let call = calls.iter().find(|c| c.path.contains("/events")).unwrap();
