@@ -32,7 +32,9 @@ crds:
 
 ## Fail when crds/ is not what `zeroscale crd` prints.
 crds-check:
-	$(CARGO) run --quiet -- crd | diff -u crds/function.yaml - \
+	@mkdir -p target
+	$(CARGO) run --quiet -- crd > target/function-crd.yaml
+	@diff -u crds/function.yaml target/function-crd.yaml \
 		|| (echo "crds/function.yaml is stale: run 'make crds'" && exit 1)
 
 ## The quick start: run the examples locally, no cluster needed.
