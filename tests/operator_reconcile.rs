@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use zeroscale::api::{Defaults, FUNCTION_LABEL, Function};
 use zeroscale::operator::Error;
 use zeroscale::operator::build::{ActivatorEndpoint, ActivatorEndpoints};
-use zeroscale::operator::cache::{Pack, Packed};
+use zeroscale::operator::cache::{Pack, PackedWriter, packed_store};
 use zeroscale::operator::events::Events;
 use zeroscale::operator::metrics::Metrics;
 use zeroscale::operator::reconcile::{self, Context, RateLimiter, Settings, Stores};
@@ -35,9 +35,9 @@ const STATUS: &str = "/apis/zeroscale.dev/v1alpha1/namespaces/default/functions/
 /// The caches the controller's watches would fill (listed once, empty).
 struct Caches {
     functions: Writer<Function>,
-    deployments: Writer<Packed<Deployment>>,
-    services: Writer<Packed<Service>>,
-    slices: Writer<Packed<EndpointSlice>>,
+    deployments: PackedWriter<Deployment>,
+    services: PackedWriter<Service>,
+    slices: PackedWriter<EndpointSlice>,
     pods: Writer<Pod>,
 }
 
@@ -51,13 +51,20 @@ where
     w
 }
 
+fn listed_packed<K: Pack>() -> PackedWriter<K> {
+    let (_, mut w) = packed_store();
+    w.apply_watcher_event(&watcher::Event::Init);
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    w
+}
+
 impl Default for Caches {
     fn default() -> Self {
         Self {
             functions: listed(),
-            deployments: listed(),
-            services: listed(),
-            slices: listed(),
+            deployments: listed_packed(),
+            services: listed_packed(),
+            slices: listed_packed(),
             pods: listed(),
         }
     }
@@ -71,8 +78,8 @@ where
 }
 
 /// An owned object into its (packed) cache.
-fn put_owned<K: Pack + 'static>(w: &mut Writer<Packed<K>>, object: K) {
-    put(w, Packed::pack(object));
+fn put_owned<K: Pack + 'static>(w: &mut PackedWriter<K>, object: K) {
+    w.apply_watcher_event(&watcher::Event::Apply(object));
 }
 
 fn hello() -> Function {
@@ -328,7 +335,7 @@ async fn drift_is_repaired_and_replicas_are_left_alone() {
     let public: Service = h.api.object(PUBLIC).unwrap();
     h.caches
         .services
-        .apply_watcher_event(&watcher::Event::Delete(Packed::pack(public)));
+        .apply_watcher_event(&watcher::Event::Delete(public));
     h.api.objects.lock().unwrap().remove(PUBLIC);
 
     h.reconcile(&f).await.unwrap();

@@ -17,11 +17,12 @@
 //! Trimmed, the objects are still large in memory: `k8s-openapi` structs are mostly
 //! inline `Option`s (a `Container` alone is over a kilobyte), and every map is a separate
 //! allocation. So the objects the reconciler owns (Deployments, Services, activator
-//! EndpointSlices) are cached [`Packed`]: their identity and owner reference typed (what
-//! the store's keys and the controller's owner mapping read), the rest as compact JSON,
-//! decoded when a reconcile reads the object, which is a few times per Function per
-//! change, never per tick. A Deployment also keeps its replicas and ready replicas
-//! typed, which the autoscaler reads every second.
+//! EndpointSlices) are cached [`Packed`] in a [`PackedStore`]: keyed by namespace and
+//! name, kept as compact JSON, decoded when a reconcile reads the object, which is a few
+//! times per Function per change, never per tick. Only what the autoscaler reads every
+//! second is typed: a Deployment's resourceVersion, replicas and ready replicas. The
+//! watch hands the controller each object whole on its way into the store, so the
+//! controller maps it to its Function by its owner reference as usual.
 //!
 //! Even as JSON, the four objects of a Function were 3.4 KB (heaptrack, 2,000
 //! Functions), and they are nearly all alike: the same keys, the same server defaults,
@@ -35,9 +36,9 @@
 //! are not cached by the reconciler at all (it never reads them; the autoscaler and the
 //! activator follow them through their own compact endpoint tables).
 
-use std::borrow::Cow;
+use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -46,7 +47,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntr
 
 use futures::{Stream, StreamExt};
 use kube::Resource;
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -54,12 +54,12 @@ use tracing::debug;
 
 use crate::api::Function;
 
-/// An object kept as compact JSON, with the metadata the caches index and map by (name,
-/// namespace, uid, resourceVersion, owner references) typed.
+/// An object kept as compressed JSON, with the two things read without unpacking it
+/// typed: its resourceVersion and, for workloads, its replicas.
 #[derive(Clone, Debug)]
 pub struct Packed<K> {
-    metadata: ObjectMeta,
     body: Box<[u8]>,
+    version: Option<Box<str>>,
     replicas: Replicas,
     kind: PhantomData<fn() -> K>,
 }
@@ -77,7 +77,12 @@ pub struct Replicas {
 pub const DICTIONARY_LEN: usize = 16 * 1024;
 
 /// An object that can be cached [`Packed`].
-pub trait Pack: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone {
+pub trait Pack:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Serialize
+    + DeserializeOwned
+    + Clone
+{
     /// Trims what no code reads (see the module docs).
     fn trim(&mut self);
     /// The replicas, for workloads.
@@ -133,23 +138,9 @@ impl<K: Pack> Packed<K> {
     /// Trims and packs an object.
     pub fn pack(mut object: K) -> Self {
         object.trim();
-        let m = object.meta();
-        let metadata = ObjectMeta {
-            name: m.name.clone(),
-            namespace: m.namespace.clone(),
-            uid: m.uid.clone(),
-            resource_version: m.resource_version.clone(),
-            owner_references: m.owner_references.clone(),
-            ..ObjectMeta::default()
-        };
         let replicas = object.replicas();
-        // What is typed above, and what the type says, is not kept twice.
         let m = object.meta_mut();
-        m.name = None;
-        m.namespace = None;
-        m.uid = None;
-        m.resource_version = None;
-        m.owner_references = None;
+        let version = m.resource_version.take().map(String::into_boxed_str);
         m.creation_timestamp = None;
         // Serializing a typed object that was just decoded cannot fail; an empty body
         // would not unpack, and the reconciler reads an object it cannot unpack from
@@ -164,8 +155,8 @@ impl<K: Pack> Packed<K> {
             K::dictionary().get_or_init(|| json[..json.len().min(DICTIONARY_LEN)].into());
         let body = lz4_flex::block::compress_prepend_size_with_dict(&json, dictionary);
         Self {
-            metadata,
             body: body.into_boxed_slice(),
+            version,
             replicas,
             kind: PhantomData,
         }
@@ -177,13 +168,13 @@ impl<K: Pack> Packed<K> {
         let json = lz4_flex::block::decompress_size_prepended_with_dict(&self.body, dictionary)
             .map_err(<serde_json::Error as serde::de::Error>::custom)?;
         let mut object: K = serde_json::from_slice(&json)?;
-        let m = object.meta_mut();
-        m.name = self.metadata.name.clone();
-        m.namespace = self.metadata.namespace.clone();
-        m.uid = self.metadata.uid.clone();
-        m.resource_version = self.metadata.resource_version.clone();
-        m.owner_references = self.metadata.owner_references.clone();
+        object.meta_mut().resource_version = self.version.as_deref().map(str::to_owned);
         Ok(object)
+    }
+
+    /// The object's resourceVersion.
+    pub fn resource_version(&self) -> Option<&str> {
+        self.version.as_deref()
     }
 
     /// The replicas of a workload.
@@ -197,46 +188,200 @@ impl<K: Pack> Packed<K> {
     }
 }
 
-impl<K: Resource<DynamicType = ()>> Resource for Packed<K> {
-    type DynamicType = ();
-    type Scope = K::Scope;
+/// The objects of one packed kind by namespace and name, filled by a [`PackedWriter`]
+/// from a watch (see [`reflect`]).
+///
+/// kube's reflector store holds each object with its typed `ObjectMeta` (360 bytes
+/// inline, and the name, namespace, uid, resourceVersion and owner references each a
+/// separate allocation), keyed by an `ObjectRef` that copies four of those strings again:
+/// about 1.1 KB per object before its body, 4.4 KB per Function, which was a third of the
+/// operator at 10,000 Functions (issue 16). Here an object is its key (`namespace/name`,
+/// one string), its compressed body, its resourceVersion and its replicas; the rest of
+/// its metadata is in the body, read when a reconcile unpacks it.
+pub struct PackedStore<K> {
+    shared: Arc<Shared<K>>,
+}
 
-    fn kind(dt: &()) -> Cow<'_, str> {
-        K::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        K::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        K::version(dt)
-    }
-    fn api_version(dt: &()) -> Cow<'_, str> {
-        K::api_version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        K::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
+type Objects<K> = HashMap<Box<str>, Arc<Packed<K>>, foldhash::fast::RandomState>;
+
+/// An object of a [`PackedStore`] with its key.
+type Entry<K> = (Box<str>, Arc<Packed<K>>);
+
+struct Shared<K> {
+    objects: RwLock<Objects<K>>,
+    /// Whether the first list has been stored.
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl<K> Clone for PackedStore<K> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
     }
 }
 
-/// Packs the objects of a watch event.
-pub fn pack_event<K: Pack>(event: watcher::Event<K>) -> watcher::Event<Packed<K>> {
-    match event {
-        watcher::Event::Apply(k) => watcher::Event::Apply(Packed::pack(k)),
-        watcher::Event::Delete(k) => watcher::Event::Delete(Packed::pack(k)),
-        watcher::Event::Init => watcher::Event::Init,
-        watcher::Event::InitApply(k) => watcher::Event::InitApply(Packed::pack(k)),
-        watcher::Event::InitDone => watcher::Event::InitDone,
+/// Fills a [`PackedStore`] from watch events, as kube's reflector writer does: a relist
+/// is gathered aside and replaces the objects when it is complete, so readers never see
+/// half a list.
+pub struct PackedWriter<K> {
+    shared: Arc<Shared<K>>,
+    relist: Option<Objects<K>>,
+}
+
+/// An empty store and its writer.
+pub fn packed_store<K: Pack>() -> (PackedStore<K>, PackedWriter<K>) {
+    let shared = Arc::new(Shared {
+        objects: RwLock::new(Objects::default()),
+        ready: tokio::sync::watch::Sender::new(false),
+    });
+    (
+        PackedStore {
+            shared: shared.clone(),
+        },
+        PackedWriter {
+            shared,
+            relist: None,
+        },
+    )
+}
+
+/// The key of an object in a [`PackedStore`].
+fn key(namespace: &str, name: &str) -> Box<str> {
+    let mut key = String::with_capacity(namespace.len() + 1 + name.len());
+    key.push_str(namespace);
+    key.push('/');
+    key.push_str(name);
+    key.into_boxed_str()
+}
+
+fn key_of<K: Resource>(object: &K) -> Box<str> {
+    let m = object.meta();
+    key(
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name.as_deref().unwrap_or_default(),
+    )
+}
+
+impl<K: Pack> PackedStore<K> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Objects<K>> {
+        // A writer that panicked mid-insert leaves a map that is still whole.
+        self.shared
+            .objects
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The object `namespace/name`, if cached.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<Packed<K>>> {
+        self.read().get(&key(namespace, name)).cloned()
+    }
+
+    /// Every object in `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<Packed<K>>> {
+        self.read()
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(namespace)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// How many objects are cached.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the first list has been stored.
+    pub fn is_ready(&self) -> bool {
+        *self.shared.ready.borrow()
+    }
+
+    /// Waits until the first list has been stored.
+    pub async fn wait_until_ready(&self) {
+        let mut ready = self.shared.ready.subscribe();
+        // The sender lives as long as this store: the wait cannot fail.
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    fn entries(&self) -> Vec<Entry<K>> {
+        self.read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.read().contains_key(key)
     }
 }
 
-/// The objects a cached watch touched (as `touched_objects` gives them), and, when a
-/// relist ends, every object the cache held before it that the new list lacks.
+impl<K: Pack> PackedWriter<K> {
+    /// A reader of this writer's store.
+    pub fn as_reader(&self) -> PackedStore<K> {
+        PackedStore {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Objects<K>> {
+        self.shared
+            .objects
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies one watch event.
+    pub fn apply_watcher_event(&mut self, event: &watcher::Event<K>) {
+        match event {
+            watcher::Event::Apply(k) => {
+                let packed = Arc::new(Packed::pack(k.clone()));
+                self.write().insert(key_of(k), packed);
+            }
+            watcher::Event::Delete(k) => {
+                self.write().remove(&key_of(k));
+            }
+            watcher::Event::Init => self.relist = Some(Objects::default()),
+            watcher::Event::InitApply(k) => {
+                let packed = Arc::new(Packed::pack(k.clone()));
+                self.relist
+                    .get_or_insert_with(Objects::default)
+                    .insert(key_of(k), packed);
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                *self.write() = listed;
+                self.shared.ready.send_replace(true);
+            }
+        }
+    }
+}
+
+/// Stores each event of `events` with `writer` and passes it on.
+pub fn reflect<K, S>(
+    mut writer: PackedWriter<K>,
+    events: S,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Pack + Send + Sync + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    events.inspect(move |event| {
+        if let Ok(event) = event {
+            writer.apply_watcher_event(event);
+        }
+    })
+}
+
+/// The objects a cached watch touched, and, when a relist ends, every object the cache
+/// held before it that the new list lacks.
 ///
 /// A watch that is cut (a dropped connection, an expired resourceVersion, an API server
 /// restart) resumes with a full list, and an object deleted meanwhile is simply absent
@@ -245,23 +390,23 @@ pub fn pack_event<K: Pack>(event: watcher::Event<K>) -> watcher::Event<Packed<K>
 /// deleted during the gap would stay unroutable until its periodic requeue, minutes
 /// later (seen at 10,000 Functions, where relists under load are common). So the
 /// objects that vanished are given to the controller like deletions, and their owners
-/// are reconciled at once. `store` is the reader of the reflector `events` come from.
+/// are reconciled at once. `store` is the store `events` are reflected into.
 pub fn touched_or_vanished<K, S>(
     events: S,
-    store: Store<K>,
+    store: PackedStore<K>,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    K: Pack + Send + Sync + 'static,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
     // What the store held when the current relist began.
-    let mut before: Option<Vec<Arc<K>>> = None;
+    let mut before: Option<Vec<Entry<K>>> = None;
     events.flat_map(move |event| {
         let out: Vec<Result<K, watcher::Error>> = match event {
-            // The reflector fills a buffer during a relist and swaps it in at the end:
-            // at `Init` the store still holds the old list, at `InitDone` the new one.
+            // The writer gathers a relist aside and swaps it in at the end: at `Init`
+            // the store still holds the old list, at `InitDone` the new one.
             Ok(watcher::Event::Init) => {
-                before = Some(store.state());
+                before = Some(store.entries());
                 Vec::new()
             }
             Ok(watcher::Event::InitDone) => {
@@ -269,8 +414,10 @@ where
                     .take()
                     .unwrap_or_default()
                     .into_iter()
-                    .filter(|o| store.get(&ObjectRef::from_obj(o.as_ref())).is_none())
-                    .map(|o| Ok(K::clone(&o)))
+                    .filter(|(key, _)| !store.contains(key))
+                    // The owner references are in the body.
+                    .filter_map(|(_, o)| o.unpack().ok())
+                    .map(Ok)
                     .collect();
                 if !vanished.is_empty() {
                     debug!(
@@ -473,25 +620,28 @@ mod tests {
         assert_eq!(conditions.len(), 1);
     }
 
-    /// What the reconciler reads back from the cache is the trimmed object, whole; the
-    /// store indexes and maps it by its typed identity and owner.
+    /// What the reconciler reads back from the cache is the trimmed object, whole, with
+    /// its identity and owner; what the autoscaler reads each tick is there without
+    /// unpacking.
     #[test]
     fn a_packed_object_unpacks_to_the_trimmed_object() {
         let mut full = deployment();
         full.metadata.owner_references = Some(vec![Default::default()]);
         full.metadata.uid = Some("u-1".into());
+        full.metadata.resource_version = Some("42".into());
         let packed = Packed::pack(full.clone());
         let mut trimmed = full.clone();
         trim_deployment(&mut trimmed);
         trimmed.metadata.creation_timestamp = None;
-        assert_eq!(packed.unpack().unwrap(), trimmed);
-        assert_eq!(packed.meta().name.as_deref(), Some("hello"));
-        assert_eq!(packed.meta().uid.as_deref(), Some("u-1"));
+        let unpacked = packed.unpack().unwrap();
+        assert_eq!(unpacked, trimmed);
+        assert_eq!(unpacked.metadata.name.as_deref(), Some("hello"));
+        assert_eq!(unpacked.metadata.uid.as_deref(), Some("u-1"));
         assert_eq!(
-            packed.meta().owner_references.as_ref().map(Vec::len),
+            unpacked.metadata.owner_references.as_ref().map(Vec::len),
             Some(1)
         );
-        assert!(packed.meta().labels.is_none() && packed.meta().managed_fields.is_none());
+        assert_eq!(packed.resource_version(), Some("42"));
         assert_eq!(
             packed.replicas(),
             Replicas {
@@ -499,8 +649,57 @@ mod tests {
                 ready: 1
             }
         );
-        assert_eq!(<Packed<Deployment> as Resource>::kind(&()), "Deployment");
-        assert_eq!(<Packed<Deployment> as Resource>::plural(&()), "deployments");
+    }
+
+    fn service(namespace: &str, name: &str, version: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": version}
+        }))
+        .unwrap()
+    }
+
+    /// The store answers by namespace and name, shows a relist only once it is whole,
+    /// and is ready from the end of its first list on.
+    #[test]
+    fn the_packed_store_swaps_in_a_relist_when_it_is_complete() {
+        use watcher::Event;
+        let (store, mut writer) = packed_store::<Service>();
+        assert!(!store.is_ready());
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(service("a", "x", "1")));
+        assert!(store.is_empty() && !store.is_ready(), "half a list is not shown");
+        writer.apply_watcher_event(&Event::InitApply(service("b", "x", "2")));
+        writer.apply_watcher_event(&Event::InitDone);
+        assert!(store.is_ready());
+        assert_eq!(store.len(), 2);
+        let version = |ns: &str, name: &str| {
+            store
+                .get(ns, name)
+                .and_then(|s| s.resource_version().map(str::to_owned))
+        };
+        assert_eq!(version("a", "x").as_deref(), Some("1"));
+        assert_eq!(version("b", "x").as_deref(), Some("2"));
+        assert_eq!(version("a", "y"), None);
+        // "a" is not a prefix match for "ab".
+        writer.apply_watcher_event(&Event::Apply(service("ab", "x", "3")));
+        assert_eq!(store.in_namespace("a").len(), 1);
+        assert_eq!(store.in_namespace("ab").len(), 1);
+
+        writer.apply_watcher_event(&Event::Apply(service("a", "x", "4")));
+        assert_eq!(version("a", "x").as_deref(), Some("4"));
+        writer.apply_watcher_event(&Event::Delete(service("b", "x", "5")));
+        assert_eq!(version("b", "x"), None);
+
+        // A relist: the old objects stay visible until it ends.
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(service("c", "x", "6")));
+        assert_eq!(version("a", "x").as_deref(), Some("4"));
+        writer.apply_watcher_event(&Event::InitDone);
+        assert_eq!(version("a", "x"), None);
+        assert_eq!(version("c", "x").as_deref(), Some("6"));
+        assert_eq!(store.len(), 1);
+        let unpacked = store.get("c", "x").unwrap().unpack().unwrap();
+        assert_eq!(unpacked.metadata.namespace.as_deref(), Some("c"));
     }
 
     /// The bodies of a kind are compressed against the first one packed: a Function's
@@ -593,10 +792,9 @@ mod tests {
     async fn an_object_deleted_while_the_watch_was_down_reaches_its_owner() {
         use futures::StreamExt;
         use kube::ResourceExt;
-        use kube::runtime::reflector;
         use watcher::Event;
 
-        let (store, writer) = reflector::store::<Service>();
+        let (store, writer) = packed_store::<Service>();
         let events = futures::stream::iter(vec![
             Ok(Event::Init),
             Ok(Event::InitApply(named("a"))),
@@ -611,11 +809,11 @@ mod tests {
             Ok(Event::Apply(named("d"))),
         ]);
         let touched: Vec<String> =
-            touched_or_vanished(reflector::reflector(writer, events), store.clone())
+            touched_or_vanished(reflect(writer, events), store.clone())
                 .map(|o| o.expect("no errors").name_any())
                 .collect()
                 .await;
         assert_eq!(touched, ["a", "b", "c", "c", "a", "b", "d"]);
-        assert_eq!(store.state().len(), 2, "a and d are cached");
+        assert_eq!(store.len(), 2, "a and d are cached");
     }
 }

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -348,10 +348,10 @@ pub struct ControllerArgs {
 /// watch fills it (through the writer given to [`run_controller`]) and the autoscaler
 /// reads scales from it (`KubePlatform::with_deployment_store`).
 pub fn deployment_cache() -> (
-    Store<cache::Packed<Deployment>>,
-    reflector::store::Writer<cache::Packed<Deployment>>,
+    cache::PackedStore<Deployment>,
+    cache::PackedWriter<Deployment>,
 ) {
-    reflector::store()
+    cache::packed_store()
 }
 
 /// Runs the reconcile controller and the activator-endpoints follower until `stop`
@@ -362,7 +362,7 @@ pub fn deployment_cache() -> (
 pub async fn run_controller(
     client: kube::Client,
     args: ControllerArgs,
-    deployment_writer: reflector::store::Writer<cache::Packed<Deployment>>,
+    deployment_writer: cache::PackedWriter<Deployment>,
     metrics: metrics::Metrics,
     stop: CancellationToken,
 ) {
@@ -384,11 +384,11 @@ pub async fn run_controller(
         labelled.clone(),
         deployment_writer,
     );
-    let (services, writer) = reflector::store();
+    let (services, writer) = cache::packed_store();
     let service_events = owned_events(api::<Service>(&client, ns), labelled.clone(), writer);
     // Only the activator slices the operator writes: the pod slices of the private
     // Services carry the Function label too, but the reconciler never reads them.
-    let (slices, writer) = reflector::store();
+    let (slices, writer) = cache::packed_store();
     let slice_events = owned_events(
         api::<EndpointSlice>(&client, ns),
         paged_watch().labels(&format!(
@@ -537,23 +537,23 @@ pub async fn run_controller(
 }
 
 /// The watch of one kind of object a Function owns: packed into the cache `writer`
-/// fills, and given to the controller as the objects it touched or that vanished in a
-/// relist (see [`cache::touched_or_vanished`]).
+/// fills, and given to the controller (trimmed, whole) as the objects it touched or that
+/// vanished in a relist (see [`cache::touched_or_vanished`]).
 fn owned_events<K>(
     api: Api<K>,
     config: watcher::Config,
-    writer: reflector::store::Writer<cache::Packed<K>>,
-) -> impl futures::Stream<Item = Result<cache::Packed<K>, watcher::Error>> + Send + 'static
+    writer: cache::PackedWriter<K>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
     K: cache::Pack + std::fmt::Debug + Send + Sync + 'static,
 {
     let store = writer.as_reader();
     cache::touched_or_vanished(
-        reflector::reflector(
+        cache::reflect(
             writer,
             watcher(api, config)
                 .default_backoff()
-                .map_ok(cache::pack_event),
+                .modify(<K as cache::Pack>::trim),
         ),
         store,
     )

@@ -32,7 +32,7 @@ use super::build::{
     self, ActivatorEndpoints, BuildError, Desired, FIELD_MANAGER, Replicas, Routing, SERVICE_LABEL,
     activator_slice_name, private_service_name,
 };
-use super::cache::{Pack, Packed};
+use super::cache::{Pack, PackedStore};
 use super::metrics::Metrics;
 use super::status::{self, Blocker, Unrunnable, WorkloadStatus};
 use super::target::{self, Claim, FINALIZER, Record, TargetIndex, TargetKey, TargetObject};
@@ -66,9 +66,9 @@ pub struct Settings {
 #[derive(Clone)]
 pub struct Stores {
     pub functions: Store<Function>,
-    pub deployments: Store<Packed<Deployment>>,
-    pub services: Store<Packed<Service>>,
-    pub slices: Store<Packed<EndpointSlice>>,
+    pub deployments: PackedStore<Deployment>,
+    pub services: PackedStore<Service>,
+    pub slices: PackedStore<EndpointSlice>,
     pub pods: Store<Pod>,
 }
 
@@ -191,9 +191,9 @@ pub fn error_policy(function: Arc<Function>, error: &Error, ctx: Arc<Context>) -
 async fn caches_synced(stores: &Stores) -> Result<(), Error> {
     let all = async {
         stores.functions.wait_until_ready().await?;
-        stores.deployments.wait_until_ready().await?;
-        stores.services.wait_until_ready().await?;
-        stores.slices.wait_until_ready().await?;
+        stores.deployments.wait_until_ready().await;
+        stores.services.wait_until_ready().await;
+        stores.slices.wait_until_ready().await;
         stores.pods.wait_until_ready().await
     };
     match tokio::time::timeout(CACHE_SYNC_TIMEOUT, all).await {
@@ -636,9 +636,8 @@ fn claimants(ctx: &Context, function: &Function, target: &TargetKey) -> Vec<Arc<
 fn holders(ctx: &Context, function: &Function, target: &TargetKey) -> Vec<FunctionKey> {
     ctx.stores
         .services
-        .state()
+        .in_namespace(&target.namespace)
         .iter()
-        .filter(|s| s.meta().namespace.as_deref() == Some(target.namespace.as_str()))
         .filter_map(|s| s.unpack().ok())
         .filter(|s| s.labels().get(SERVICE_LABEL).map(String::as_str) == Some("private"))
         .filter_map(|s| {
@@ -774,13 +773,13 @@ async fn scale_back(function: &Function, ctx: &Context) -> Result<Action, Error>
     let private = ctx
         .stores
         .services
-        .get(&ObjectRef::new(&private_service_name(&key.name)).within(&key.namespace))
+        .get(&key.namespace, &private_service_name(&key.name))
+        .and_then(|s| s.unpack().ok())
         .filter(|s| {
             s.owner_references()
                 .iter()
                 .any(|o| Some(&o.uid) == function.metadata.uid.as_ref())
-        })
-        .and_then(|s| s.unpack().ok());
+        });
     if let Some(record) = private.as_ref().and_then(Record::of) {
         let wrote = match release(ctx, &key.namespace, &record).await {
             Ok(w) => w,
@@ -842,7 +841,8 @@ async fn scale_down_own_deployment(
     let Some(d) = ctx
         .stores
         .deployments
-        .get(&ObjectRef::new(name).within(namespace))
+        .get(namespace, name)
+        .and_then(|d| d.unpack().ok())
     else {
         return Ok(());
     };
@@ -985,7 +985,7 @@ impl<K> Found<K> {
 /// objects), asks the API server, so a pre-existing object of that name is detected
 /// instead of being taken over by a server-side apply.
 async fn live<K>(
-    store: &Store<Packed<K>>,
+    store: &PackedStore<K>,
     api: &Api<K>,
     function: &Function,
     namespace: &str,
@@ -994,9 +994,7 @@ async fn live<K>(
 where
     K: Pack + std::fmt::Debug,
 {
-    let cached = store
-        .get(&ObjectRef::new(name).within(namespace))
-        .and_then(|k| k.unpack().ok());
+    let cached = store.get(namespace, name).and_then(|k| k.unpack().ok());
     let object = match cached {
         Some(k) => Some(k),
         None => api.get_opt(name).await.map_err(|source| Error::Read {

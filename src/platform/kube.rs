@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::{Scale as KubeScale, ScaleSpec};
 use k8s_openapi::api::core::v1::{Container, ObjectReference, Pod, PodSpec, Probe};
@@ -33,7 +33,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{debug, warn};
@@ -43,7 +42,7 @@ use super::{
     ReadinessCheck, Scale, WakeOutcome,
 };
 use crate::api::{FUNCTION_LABEL, Function, FunctionKey, TargetKind};
-use crate::operator::cache::Packed;
+use crate::operator::cache::{Packed, PackedStore};
 use crate::operator::events::Events;
 
 /// How many objects one request of a watch's list (at start, and at every relist) asks
@@ -220,7 +219,7 @@ pub struct KubePlatform {
     /// Functions' Deployments from one watch, when enabled: the autoscaler reads every
     /// Function's scale each tick, and a GET per Function per second would load the API
     /// server with the Function count.
-    deployment_cache: Option<Arc<std::sync::OnceLock<Store<Packed<Deployment>>>>>,
+    deployment_cache: Option<Arc<std::sync::OnceLock<PackedStore<Deployment>>>>,
     /// Scales of targets, when the Deployment cache is enabled.
     target_scales: Option<Arc<TargetScales>>,
     workloads: Workloads,
@@ -357,7 +356,7 @@ impl KubePlatform {
     /// Like [`Self::with_deployment_cache`], but reads the Deployments from a cache that
     /// is filled elsewhere: the operator's reconciler watches the same Deployments, and
     /// one cache of them is half the memory of two.
-    pub fn with_deployment_store(mut self, store: Store<Packed<Deployment>>) -> Self {
+    pub fn with_deployment_store(mut self, store: PackedStore<Deployment>) -> Self {
         let cell = std::sync::OnceLock::new();
         let _ = cell.set(store);
         self.deployment_cache = Some(Arc::new(cell));
@@ -371,26 +370,23 @@ impl KubePlatform {
     fn cached_deployment(&self, key: &FunctionKey) -> Option<Option<Arc<Packed<Deployment>>>> {
         let cache = self.deployment_cache.as_ref()?;
         let store = cache.get_or_init(|| {
-            let (reader, writer) = reflector::store();
-            let events = reflector::reflector(
+            let (reader, writer) = crate::operator::cache::packed_store();
+            let events = crate::operator::cache::reflect(
                 writer,
                 watcher(
                     self.all::<Deployment>(),
                     paged_watch().labels(FUNCTION_LABEL),
                 )
-                .default_backoff()
-                .map_ok(crate::operator::cache::pack_event),
+                .default_backoff(),
             );
             tokio::spawn(events.for_each(|_| async {}));
             reader
         });
-        let found = store.get(&ObjectRef::new(&key.name).within(&key.namespace));
+        let found = store.get(&key.namespace, &key.name);
         if found.is_some() {
             return Some(found);
         }
-        let listed =
-            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok());
-        listed.then_some(None)
+        store.is_ready().then_some(None)
     }
 
     fn all<K>(&self) -> Api<K>
@@ -934,7 +930,7 @@ impl Platform for KubePlatform {
         Ok(Scale {
             desired: count(replicas.desired),
             ready: count(replicas.ready),
-            version: d.meta().resource_version.clone(),
+            version: d.resource_version().map(str::to_owned),
         })
     }
 
