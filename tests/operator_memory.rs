@@ -60,7 +60,9 @@ where
 {
     let mut k: K = serde_json::from_str(text).unwrap();
     let name = format!("{}-{i:05}", k.meta().name.clone().unwrap_or_default());
-    let seed = name.bytes().fold(0u64, |h, b| h.wrapping_mul(31) ^ u64::from(b));
+    let seed = name
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31) ^ u64::from(b));
     let m = k.meta_mut();
     m.name = Some(name);
     m.uid = Some(uid(seed));

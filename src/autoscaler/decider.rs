@@ -154,6 +154,9 @@ pub struct Decider {
     last_desired: Option<u32>,
 }
 
+/// The room kept for samples while idle: one sample a tick, cleared each tick.
+const IDLE_SAMPLES: usize = 4;
+
 /// `ceil(x)` that does not turn 7.000000001 into 8.
 fn ceil_pods(x: f64) -> u32 {
     if !x.is_finite() || x <= 0.0 {
@@ -366,8 +369,11 @@ impl Decider {
         let idle = quiet >= cfg.idle_timeout && load.live() == 0;
         if idle {
             // Load from before the silence says nothing about the next wake: a single
-            // request after a burst must not bring back the burst's replicas.
+            // request after a burst must not bring back the burst's replicas. The
+            // window's room is given back too: most Functions of a big cluster are idle,
+            // and a full window is 1.5 KB each (issue 16).
             self.samples.clear();
+            self.samples.shrink_to(IDLE_SAMPLES);
             self.panic = None;
             desired = 0;
             reason = format!(
@@ -648,6 +654,26 @@ mod tests {
         let d = run.step(quiet());
         assert_eq!(d.desired, 0, "at idleTimeout");
         assert!(d.reason.starts_with("idle"), "{}", d.reason);
+    }
+
+    /// An idle Function keeps no window of samples: at 10,000 mostly idle Functions a
+    /// full window each was 15 MB of the operator.
+    #[test]
+    fn an_idle_function_gives_back_its_window() {
+        let mut run = Run::new(cfg(), 1);
+        run.steady(3.0, 60);
+        assert!(run.decider.samples.capacity() >= 60);
+        for _ in 0..40 {
+            run.step(quiet());
+        }
+        assert_eq!(run.current, 0);
+        assert!(
+            run.decider.samples.capacity() <= IDLE_SAMPLES,
+            "{} samples of room kept while idle",
+            run.decider.samples.capacity()
+        );
+        // And it still wakes and scales as before.
+        assert_eq!(run.steady(3.0, 10).desired, 1);
     }
 
     #[test]

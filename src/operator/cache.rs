@@ -667,7 +667,10 @@ mod tests {
         assert!(!store.is_ready());
         writer.apply_watcher_event(&Event::Init);
         writer.apply_watcher_event(&Event::InitApply(service("a", "x", "1")));
-        assert!(store.is_empty() && !store.is_ready(), "half a list is not shown");
+        assert!(
+            store.is_empty() && !store.is_ready(),
+            "half a list is not shown"
+        );
         writer.apply_watcher_event(&Event::InitApply(service("b", "x", "2")));
         writer.apply_watcher_event(&Event::InitDone);
         assert!(store.is_ready());
@@ -808,11 +811,10 @@ mod tests {
             Ok(Event::InitDone),
             Ok(Event::Apply(named("d"))),
         ]);
-        let touched: Vec<String> =
-            touched_or_vanished(reflect(writer, events), store.clone())
-                .map(|o| o.expect("no errors").name_any())
-                .collect()
-                .await;
+        let touched: Vec<String> = touched_or_vanished(reflect(writer, events), store.clone())
+            .map(|o| o.expect("no errors").name_any())
+            .collect()
+            .await;
         assert_eq!(touched, ["a", "b", "c", "c", "a", "b", "d"]);
         assert_eq!(store.len(), 2, "a and d are cached");
     }
