@@ -72,30 +72,39 @@ impl StandIn {
         let nodes: Api<Node> = Api::all(client.clone());
         // A Ready node of the cluster's own is used. A running stand-in may be a
         // long-lived one someone shares, or the one of the test binary that ran just
-        // before this one, stopping as that process exits: it is given a minute to stop
-        // renewing its Lease before it is taken for a shared one.
+        // before this one, stopping as that process exits: a stopping stand-in cordons
+        // its node and is waited for (its pods get their grace periods, up to the
+        // activator's lame duck), and one still in service after a minute is shared.
         let patience = Instant::now() + Duration::from_secs(60);
+        let stopping_patience = Instant::now() + Duration::from_secs(600);
         let ready = loop {
-            let other_ready = nodes
+            let listed = nodes
                 .list(&ListParams::default())
                 .await
                 .map_err(|e| e.to_string())?
-                .items
-                .iter()
-                .any(|n| {
-                    n.metadata.name.as_deref() != Some(e2e_support::STANDIN_NODE)
-                        && n.status
-                            .iter()
-                            .flat_map(|s| s.conditions.iter().flatten())
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                });
+                .items;
+            let other_ready = listed.iter().any(|n| {
+                n.metadata.name.as_deref() != Some(e2e_support::STANDIN_NODE)
+                    && n.status
+                        .iter()
+                        .flat_map(|s| s.conditions.iter().flatten())
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
             if other_ready {
                 break true;
             }
             if !e2e_support::standin_alive(client).await {
                 break false;
             }
-            if Instant::now() >= patience {
+            let stopping = listed.iter().any(|n| {
+                n.metadata.name.as_deref() == Some(e2e_support::STANDIN_NODE)
+                    && n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
+            });
+            let now = Instant::now();
+            if stopping && now >= stopping_patience {
+                return Err("the stand-in node has been stopping for ten minutes".into());
+            }
+            if !stopping && now >= patience {
                 break true;
             }
             sleep(Duration::from_secs(1)).await;

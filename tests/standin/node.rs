@@ -150,7 +150,11 @@ pub async fn register(ctx: &Ctx) -> Result<Timestamp, kube::Error> {
             info!(node = %ctx.node_name, "node created");
         }
         Some(_) => {
-            let labels = json!({"metadata": {"labels": node_labels(&ctx.node_name)}});
+            // A node a stopping run cordoned is taken back into service.
+            let labels = json!({
+                "metadata": {"labels": node_labels(&ctx.node_name)},
+                "spec": {"unschedulable": null},
+            });
             api.patch(
                 &ctx.node_name,
                 &PatchParams::default(),
@@ -254,6 +258,25 @@ pub async fn keep_alive(ctx: Arc<Ctx>, since: Timestamp, shutdown: CancellationT
             }
             Err(e) => warn!(error = %e, "node heartbeat"),
         }
+    }
+}
+
+/// Cordons the node as the stand-in begins to stop: its Lease is still renewed while
+/// its pods get their grace periods, and `spec.unschedulable` is how anyone looking at
+/// the node (the e2e tests deciding whether a live stand-in is one to share) tells a
+/// node on its way out from one in service.
+pub async fn cordon(ctx: &Ctx) {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let patch = json!({"spec": {"unschedulable": true}});
+    if let Err(e) = api
+        .patch(
+            &ctx.node_name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        warn!(error = %e, "cordoning the node");
     }
 }
 

@@ -330,7 +330,10 @@ async fn run(args: Args) -> Result<(), String> {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
-    // Pods first (they may still use the proxy while they stop), then the rest.
+    // Cordoned first, so a stopping node is not taken for one in service while its pods
+    // get their grace periods; then the pods (they may still use the proxy while they
+    // stop), then the rest.
+    node::cordon(&ctx).await;
     kubelet_stop.cancel();
     let _ = kubelet.await;
     shutdown.cancel();
