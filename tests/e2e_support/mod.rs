@@ -360,6 +360,22 @@ pub async fn create_namespace(cluster: &Cluster, name: &str, labels: &[(&str, &s
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
+        // The Functions first: since Kubernetes 1.33 a namespace's pods go before its
+        // other objects, so deleting only the namespace would keep the Functions' activator
+        // slices until their pods are gone, and an activator being uninstalled alongside
+        // would sit out its whole lame duck for routes that are about to disappear.
+        let _ = kubectl(
+            &[
+                "delete",
+                "functions.zeroscale.dev",
+                "--all",
+                "--namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+            None,
+        );
         let _ = kubectl(
             &[
                 "delete",
