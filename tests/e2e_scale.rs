@@ -8,13 +8,17 @@
 //! - the latency of a wake from zero with N Functions present;
 //! - an activator pod added: the time until every Function's slice lists it;
 //! - an activator pod deleted under load through a Function's Service: the time until no
-//!   slice lists it, and the requests lost meanwhile (the goal is none).
+//!   slice lists it, the requests lost meanwhile, and the slices still listing it when it
+//!   stops accepting connections (the goal for both is none: a Function still routed to
+//!   a closed port loses its clients' requests, whichever Function the load goes through).
 //!
 //! Environment (besides the suite's, see `e2e_support`): `ZEROSCALE_SCALE_FUNCTIONS` (N;
 //! the test is skipped without it), `ZEROSCALE_SCALE_STEADY_SECONDS` (the steady-state
 //! window, default 60), `ZEROSCALE_SCALE_READY_MINUTES` (how long all N may take to be
 //! Ready, default 30: 10,000 took 26 min on 2 shared CPUs), `ZEROSCALE_SCALE_REPORT` (a
-//! file the figures are written to, as JSON). The Functions live in one namespace `zs-scale-*`, which zeroscale is installed to
+//! file the figures are written to, as JSON), `ZEROSCALE_SCALE_CHART_VALUES` (chart values
+//! as JSON, merged over the benchmark's: `{"functions": 30000}` to size the lame duck).
+//! The Functions live in one namespace `zs-scale-*`, which zeroscale is installed to
 //! watch alone; it is deleted at the end, then zeroscale.
 
 mod e2e_support;
@@ -208,6 +212,18 @@ fn function(namespace: &str, name: &str, suffix: &str) -> Function {
     .expect("a Function")
 }
 
+/// Merges `extra` into `base`, objects key by key, anything else replaced.
+fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
+    match (base, extra) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(extra)) => {
+            for (key, value) in extra {
+                merge(base.entry(key).or_insert(serde_json::Value::Null), value);
+            }
+        }
+        (base, extra) => *base = extra,
+    }
+}
+
 fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 100.0).round() / 100.0
 }
@@ -242,15 +258,20 @@ async fn many_functions() {
     // only the bench's namespace (so that it never touches another run's Functions).
     let namespace = TestNamespace::new(&cluster, &format!("zs-scale-{suffix}")).await;
     let system = format!("zs-scale-system-{suffix}");
+    let mut values = json!({
+        "watchNamespaces": [namespace.name],
+        "operator": {"replicas": 1},
+        "activator": {"replicas": 2},
+    });
+    if let Ok(extra) = std::env::var("ZEROSCALE_SCALE_CHART_VALUES") {
+        let extra = serde_json::from_str(&extra).expect("ZEROSCALE_SCALE_CHART_VALUES: JSON");
+        merge(&mut values, extra);
+    }
     let install = Install::chart(
         &cluster,
         &format!("zeroscale-scale-{suffix}"),
         &system,
-        json!({
-            "watchNamespaces": [namespace.name],
-            "operator": {"replicas": 1},
-            "activator": {"replicas": 2},
-        }),
+        values,
     )
     .await;
     install.wait_ready(&cluster).await;
@@ -541,6 +562,38 @@ async fn many_functions() {
     let victim_ip = victim.1.ip().to_string();
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
         Api::namespaced(cluster.client.clone(), &system);
+    // The moment the deleted activator stops accepting connections (its lame duck over),
+    // and how many Functions' slices still list it then: each of those Functions' clients
+    // would be sent to a closed port, whichever Function the load below goes through.
+    let stopped: Arc<Mutex<Option<(Instant, usize)>>> = Arc::default();
+    let probe = {
+        let (stopped, slices) = (stopped.clone(), slices.clone());
+        let addr = SocketAddr::new(victim.1.ip(), 8080);
+        let ip = victim_ip.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut reached = false;
+            loop {
+                tick.tick().await;
+                // Taken before the attempt: when it fails, the port closed between the
+                // last answered attempt and this one, within a tick of this moment.
+                let (at, routed) = (Instant::now(), slices.listing(&ip).1);
+                let connect = tokio::net::TcpStream::connect(addr);
+                if matches!(
+                    tokio::time::timeout(Duration::from_secs(1), connect).await,
+                    Ok(Ok(_))
+                ) {
+                    reached = true;
+                } else if !reached {
+                    // Pod addresses not reachable from here: nothing to observe.
+                    return;
+                } else {
+                    *stopped.lock().unwrap() = Some((at, routed));
+                    return;
+                }
+            }
+        })
+    };
     let ((t0, unrouted, gone), load_report) = under_load(&gw, "/", 8, || async {
         // The clients connected and served before the pod goes.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -572,7 +625,25 @@ async fn many_functions() {
         (t0, unrouted, t0.elapsed())
     })
     .await;
+    probe.abort();
+    let stop = *stopped.lock().unwrap();
     let lost = load_report.sent - load_report.ok();
+    match stop {
+        Some((at, routed)) => {
+            eprintln!(
+                "{test}: activator deleted: stopped accepting {:?} after, with {routed} slices still listing it",
+                at - t0
+            );
+            report.insert(
+                "activator_removed_stopped_accepting_s".into(),
+                json!(secs(at - t0)),
+            );
+            report.insert("activator_removed_slices_at_stop".into(), json!(routed));
+        }
+        None => eprintln!(
+            "{test}: activator deleted: its port was not reachable from here, so when it stopped accepting was not observed"
+        ),
+    }
     eprintln!(
         "{test}: activator deleted: out of every slice {:?} after, pod gone after {gone:?}; {} requests, {:?} by status, {} without an answer ({lost} lost) {:?}",
         unrouted - t0,
@@ -603,4 +674,10 @@ async fn many_functions() {
     drop(gw);
     drop(namespace);
     assert_eq!(lost, 0, "requests lost during the activator change");
+    if let Some((_, routed)) = stop {
+        assert_eq!(
+            routed, 0,
+            "the deleted activator stopped accepting while {routed} Functions' slices still listed it"
+        );
+    }
 }
