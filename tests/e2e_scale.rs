@@ -641,7 +641,7 @@ async fn many_functions() {
             report.insert("activator_removed_slices_at_stop".into(), json!(routed));
         }
         None => eprintln!(
-            "{test}: activator deleted: its port was not reachable from here, so when it stopped accepting was not observed"
+            "{test}: activator deleted: when it stopped accepting was not observed (its port not reachable from here, or open until the pod was gone)"
         ),
     }
     eprintln!(
