@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use e2e_support::{
-    Install, TestNamespace, apply, cluster, eventually, get, kubectl, service_gateway,
+    Install, TestNamespace, apply, cluster, eventually, get, kubectl, merge, service_gateway,
     test_function, under_load,
 };
 use futures::{StreamExt, TryStreamExt};
@@ -212,18 +212,6 @@ fn function(namespace: &str, name: &str, suffix: &str) -> Function {
     .expect("a Function")
 }
 
-/// Merges `extra` into `base`, objects key by key, anything else replaced.
-fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
-    match (base, extra) {
-        (serde_json::Value::Object(base), serde_json::Value::Object(extra)) => {
-            for (key, value) in extra {
-                merge(base.entry(key).or_insert(serde_json::Value::Null), value);
-            }
-        }
-        (base, extra) => *base = extra,
-    }
-}
-
 fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 100.0).round() / 100.0
 }
@@ -265,7 +253,7 @@ async fn many_functions() {
     });
     if let Ok(extra) = std::env::var("ZEROSCALE_SCALE_CHART_VALUES") {
         let extra = serde_json::from_str(&extra).expect("ZEROSCALE_SCALE_CHART_VALUES: JSON");
-        merge(&mut values, extra);
+        merge(&mut values, &extra);
     }
     let install = Install::chart(
         &cluster,

@@ -655,7 +655,8 @@ fn split_crds(yaml: &str) -> (String, String) {
     (crds, rest)
 }
 
-fn merge(into: &mut serde_json::Value, from: &serde_json::Value) {
+/// Merges `from` into `into`, objects key by key, anything else replaced.
+pub fn merge(into: &mut serde_json::Value, from: &serde_json::Value) {
     match (into, from) {
         (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
             for (k, v) in b {
