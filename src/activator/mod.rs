@@ -101,10 +101,17 @@ pub struct Config {
     /// connections until no Function's routing lists it any more (see `lameduck`).
     #[arg(long, env = "POD_IP")]
     pub pod_ip: Option<std::net::IpAddr>,
-    /// Longest a stopping activator keeps accepting connections while Functions' routing
-    /// still points at it (e.g. `5m`); the in-flight drain comes after.
+    /// How long a stopping activator keeps accepting connections while Functions'
+    /// routing still points at it (e.g. `5m`): the time the operator should need to
+    /// drop it from every Function's slice. Past it, it keeps waiting only while that
+    /// routing is still shrinking, up to `--lame-duck-limit`; the drain comes after.
     #[arg(long, env = "ZEROSCALE_LAME_DUCK_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
     pub lame_duck_timeout: Duration,
+    /// Longest a stopping activator keeps accepting connections in any case (default:
+    /// 5/3 of `--lame-duck-timeout`, so 500 s for 300 s). The pod's termination grace
+    /// period must cover it plus `--drain-timeout`.
+    #[arg(long, env = "ZEROSCALE_LAME_DUCK_LIMIT", value_parser = duration_arg)]
+    pub lame_duck_limit: Option<Duration>,
     /// Time in-flight requests get to finish on shutdown (e.g. `30s`).
     #[arg(long, env = "ZEROSCALE_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
     pub drain_timeout: Duration,
@@ -210,7 +217,8 @@ pub async fn run(config: Config) -> crate::Result<()> {
     }
     {
         let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
-        let (pod_ip, limit) = (config.pod_ip, config.lame_duck_timeout);
+        let (pod_ip, timeout) = (config.pod_ip, config.lame_duck_timeout);
+        let limit = config.lame_duck_limit.unwrap_or(timeout * 5 / 3);
         let activator = activator.clone();
         tokio::spawn(async move {
             telemetry::shutdown_signal().await;
@@ -222,7 +230,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
                     let (client, namespace) = lame_duck;
                     let unrouted = move || activator.close_connections();
                     tokio::select! {
-                        _ = lameduck::wait_until_unrouted(client, namespace.as_deref(), ip, limit, unrouted) => {}
+                        _ = lameduck::wait_until_unrouted(client, namespace.as_deref(), ip, timeout, limit, unrouted) => {}
                         _ = telemetry::shutdown_signal() => info!("second signal: stopping now"),
                     }
                 }

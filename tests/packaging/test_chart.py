@@ -253,22 +253,26 @@ def test_extra_args_come_last(render_values):
 
 
 @pytest.mark.parametrize(
-    ("values", "lame_duck"),
+    ("values", "lame_duck", "limit"),
     [
-        ({}, 300),  # 10,000 Functions at 50 rewrites/s: 200 s, times 1.5
-        ({"functions": 20000, "operator": {"sliceWritesPerSecond": 100}}, 300),
-        ({"functions": 50000}, 1500),
-        ({"functions": 100}, 30),  # never under 30 s
-        ({"functions": 50000, "activator": {"lameDuckTimeoutSeconds": 45}}, 45),  # set: kept
+        ({}, 300, 500),  # 10,000 Functions at 50 rewrites/s: 200 s, times 1.5 and 2.5
+        ({"functions": 20000, "operator": {"sliceWritesPerSecond": 100}}, 300, 500),
+        ({"functions": 50000}, 1500, 2500),
+        ({"functions": 100}, 30, 50),  # never under 30 s
+        ({"functions": 50000, "activator": {"lameDuckTimeoutSeconds": 45}}, 45, 75),  # set: kept
+        ({"activator": {"lameDuckLimitSeconds": 400}}, 300, 400),
+        ({"activator": {"lameDuckLimitSeconds": 10}}, 300, 300),  # never under the timeout
     ],
 )
-def test_the_lame_duck_time_is_computed_from_the_functions_and_the_write_rate(render_values, values, lame_duck):
+def test_the_lame_duck_time_is_computed_from_the_functions_and_the_write_rate(render_values, values, lame_duck, limit):
     """An activator pod change is one slice rewrite per Function at the operator's pace: a
-    stopping activator must be allowed to serve that long, and the kubelet to wait for it."""
+    stopping activator must be allowed to serve that long (longer while the operator is
+    seen to work), and the kubelet to wait for it and its drain."""
     docs = render_values(values)
     activator = one(docs, "Deployment", "zeroscale-activator")["spec"]["template"]["spec"]
     operator = one(docs, "Deployment", "zeroscale-operator")["spec"]["template"]["spec"]
     rate = values.get("operator", {}).get("sliceWritesPerSecond", 50)
     assert f"--slice-writes-per-second={rate}" in operator["containers"][0]["args"]
     assert f"--lame-duck-timeout={lame_duck}s" in activator["containers"][0]["args"]
-    assert activator["terminationGracePeriodSeconds"] == lame_duck + 30 + 15
+    assert f"--lame-duck-limit={limit}s" in activator["containers"][0]["args"]
+    assert activator["terminationGracePeriodSeconds"] == limit + 30 + 15

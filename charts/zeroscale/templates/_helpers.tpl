@@ -193,3 +193,19 @@ operator.sliceWritesPerSecond), at least 30 s.
 {{- max 30 (div (add (mul $functions 3) (mul $rate 2) -1) (mul $rate 2)) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The activators' lame-duck limit in seconds: the value when set, else 5/3 of the
+lame-duck time (2.5 times the rewrite time when that is computed: 500 s for the
+defaults), never below it. Past the lame-duck time a stopping activator keeps waiting
+only while Functions' routing is still seen to shrink.
+*/}}
+{{- define "zeroscale.lameDuckLimitSeconds" -}}
+{{- $timeout := include "zeroscale.lameDuckSeconds" . | int -}}
+{{- $set := .Values.activator.lameDuckLimitSeconds -}}
+{{- if not (kindIs "invalid" $set) -}}
+{{- max $timeout (int $set) -}}
+{{- else -}}
+{{- div (add (mul $timeout 5) 2) 3 -}}
+{{- end -}}
+{{- end -}}
