@@ -444,6 +444,31 @@ fn scale_object(namespace: &str, name: &str, replicas: u32, version: Option<&str
     }
 }
 
+/// A Function as this platform's readers (the activator's routing table, the autoscaler
+/// and [`Workload::of`]) read it: its spec, name, namespace, creation time, generation
+/// and deletion mark, and of its status the generation and the selector. The rest
+/// (labels, annotations, conditions, the autoscaler's own status) is dropped as it
+/// arrives: a relist holds every Function twice until it is done, and a watch that
+/// expired at 10,000 Functions made that the operator's largest transient (issue 16).
+pub fn trim_for_routing_and_scaling(f: &mut Function) {
+    let meta = std::mem::take(&mut f.metadata);
+    f.metadata = kube::api::ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        creation_timestamp: meta.creation_timestamp,
+        generation: meta.generation,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..Default::default()
+    };
+    if let Some(status) = f.status.take() {
+        f.status = Some(crate::api::FunctionStatus {
+            observed_generation: status.observed_generation,
+            selector: status.selector,
+            ..Default::default()
+        });
+    }
+}
+
 /// Turns the raw watcher events of Functions into [`FunctionEvent`]s: a (re-)list is
 /// buffered and emitted whole as a `Reset`.
 #[derive(Default)]
@@ -813,7 +838,7 @@ impl Platform for KubePlatform {
         let workloads = self.workloads.clone();
         watcher(self.all::<Function>(), paged_watch())
             .default_backoff()
-            .modify(crate::operator::cache::trim_function)
+            .modify(trim_for_routing_and_scaling)
             .filter_map(move |event| {
                 let out = match event {
                     Ok(e) => state.handle(e),
@@ -1316,6 +1341,53 @@ mod tests {
         assert_eq!(set.handle(watcher::Event::InitDone), Some(vec![]));
         set.handle(watcher::Event::Apply(with_ip.clone()));
         assert_eq!(set.handle(watcher::Event::Delete(with_ip)), Some(vec![]));
+    }
+
+    /// What the activator and the autoscaler read survives the trim; the rest is gone.
+    #[test]
+    fn the_platforms_functions_keep_what_routing_and_scaling_read() {
+        let mut f: Function = serde_json::from_value(serde_json::json!({
+            "apiVersion": "zeroscale.dev/v1alpha1", "kind": "Function",
+            "metadata": {
+                "name": "api", "namespace": "ns", "generation": 3,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "labels": {"team": "a"}, "annotations": {"note": "x".repeat(2000)},
+                "uid": "u", "resourceVersion": "7", "finalizers": ["zeroscale.dev/target"],
+            },
+            "spec": {
+                "scaleTargetRef": {"kind": "Deployment", "name": "legacy"},
+                "hosts": ["api.example.com"],
+            },
+            "status": {
+                "observedGeneration": 3, "selector": "app=legacy", "replicas": 2,
+                "lastRequestTime": "2026-01-01T00:00:00Z",
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Serving",
+                    "message": "y".repeat(500), "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            },
+        }))
+        .unwrap();
+        let before = (
+            Workload::of(&f),
+            f.key(),
+            f.spec.clone(),
+            f.creation_timestamp(),
+        );
+        trim_for_routing_and_scaling(&mut f);
+        assert_eq!(
+            before,
+            (
+                Workload::of(&f),
+                f.key(),
+                f.spec.clone(),
+                f.creation_timestamp()
+            )
+        );
+        assert!(matches!(Workload::of(&f), Workload::Target { .. }));
+        let kept = serde_json::to_value(&f).unwrap();
+        assert_eq!(kept["metadata"].get("labels"), None);
+        assert_eq!(kept["metadata"].get("annotations"), None);
+        assert_eq!(kept["status"].get("conditions"), None);
+        assert!(serde_json::to_string(&f).unwrap().len() < 400, "{kept}");
     }
 
     #[test]
