@@ -446,8 +446,9 @@ fn scale_object(namespace: &str, name: &str, replicas: u32, version: Option<&str
 
 /// A Function as this platform's readers (the activator's routing table, the autoscaler
 /// and [`Workload::of`]) read it: its spec, name, namespace, creation time, generation
-/// and deletion mark, and of its status the generation and the selector. The rest
-/// (labels, annotations, conditions, the autoscaler's own status) is dropped as it
+/// and deletion mark, and of its status the generation, the selector and the `Active`
+/// condition (a startup failure the activator answers with). The rest (labels,
+/// annotations, the `Ready` condition, the autoscaler's own status) is dropped as it
 /// arrives: a relist holds every Function twice until it is done, and a watch that
 /// expired at 10,000 Functions made that the operator's largest transient (issue 16).
 pub fn trim_for_routing_and_scaling(f: &mut Function) {
@@ -461,9 +462,12 @@ pub fn trim_for_routing_and_scaling(f: &mut Function) {
         ..Default::default()
     };
     if let Some(status) = f.status.take() {
+        let mut conditions = status.conditions;
+        conditions.retain(|c| c.type_ == crate::api::CONDITION_ACTIVE);
         f.status = Some(crate::api::FunctionStatus {
             observed_generation: status.observed_generation,
             selector: status.selector,
+            conditions,
             ..Default::default()
         });
     }
@@ -1361,33 +1365,38 @@ mod tests {
             "status": {
                 "observedGeneration": 3, "selector": "app=legacy", "replicas": 2,
                 "lastRequestTime": "2026-01-01T00:00:00Z",
-                "conditions": [{"type": "Ready", "status": "True", "reason": "Serving",
-                    "message": "y".repeat(500), "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "Serving",
+                        "message": "y".repeat(500), "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                    {"type": "Active", "status": "False", "reason": "ImagePullFailure",
+                        "message": "no such image", "observedGeneration": 3,
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                ],
             },
         }))
         .unwrap();
-        let before = (
-            Workload::of(&f),
-            f.key(),
-            f.spec.clone(),
-            f.creation_timestamp(),
-        );
-        trim_for_routing_and_scaling(&mut f);
-        assert_eq!(
-            before,
+        let read = |f: &Function| {
             (
-                Workload::of(&f),
+                Workload::of(f),
                 f.key(),
                 f.spec.clone(),
-                f.creation_timestamp()
+                f.creation_timestamp(),
+                f.startup_failure(),
             )
-        );
+        };
+        let before = read(&f);
+        trim_for_routing_and_scaling(&mut f);
+        assert_eq!(before, read(&f));
         assert!(matches!(Workload::of(&f), Workload::Target { .. }));
+        assert!(f.startup_failure().is_some());
         let kept = serde_json::to_value(&f).unwrap();
         assert_eq!(kept["metadata"].get("labels"), None);
         assert_eq!(kept["metadata"].get("annotations"), None);
-        assert_eq!(kept["status"].get("conditions"), None);
-        assert!(serde_json::to_string(&f).unwrap().len() < 400, "{kept}");
+        assert_eq!(
+            kept["status"]["conditions"].as_array().map(Vec::len),
+            Some(1)
+        );
+        assert!(serde_json::to_string(&f).unwrap().len() < 700, "{kept}");
     }
 
     #[test]
