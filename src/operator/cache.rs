@@ -456,7 +456,8 @@ fn drop_last_applied(meta: &mut ObjectMeta) {
     }
 }
 
-/// A Function as the reconciler, the autoscaler and the activator read it.
+/// A Function as the reconciler reads it (the activator and the autoscaler keep less:
+/// [`crate::platform::kube::trim_for_routing_and_scaling`]).
 pub fn trim_function(f: &mut Function) {
     trim_metadata(&mut f.metadata);
 }
