@@ -2071,3 +2071,308 @@ async fn steady_load_through_early_replicas_while_the_platform_lags() {
         assert!(answered > 10, "a client made little progress: {answered}");
     }
 }
+
+// ---------------------------------------------------------------- the fast lane
+
+/// A replica speaking HTTP/1.1 by hand, so responses can be shaped as hyper would never
+/// send them: each request gets the canned response its path names, and its head is
+/// recorded (header lines with lower-cased names, sorted; then the body).
+async fn scripted_replica(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
+    fn response(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+        let canned: &[u8] = match path {
+            "/cl" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Zeroscale-Cold-Start: true\r\nX-App: a\r\nDate: Thu, 03 Dec 2026 10:00:00 GMT\r\n\r\nhello",
+            "/chunked" => b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-App: b\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+            "/close" => b"HTTP/1.0 200 OK\r\nX-App: c\r\n\r\nuntil the replica closes",
+            "/204" => b"HTTP/1.1 204 No Content\r\nX-App: d\r\n\r\n",
+            "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "/reason" => b"HTTP/1.1 299 Custom Thing\r\nContent-Length: 0\r\n\r\n",
+            "/nodate" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+            _ => {
+                let mut echo = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                    .into_bytes();
+                echo.extend_from_slice(body);
+                return echo;
+            }
+        };
+        if method == "HEAD" {
+            let end = canned.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            return canned[..end].to_vec();
+        }
+        canned.to_vec()
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                    let mut lines = head.split("\r\n").filter(|l| !l.is_empty());
+                    let first = lines.next().unwrap().to_string();
+                    let mut headers: Vec<String> = lines
+                        .map(|l| {
+                            let (k, v) = l.split_once(':').unwrap();
+                            format!("{}: {}", k.to_ascii_lowercase(), v.trim())
+                        })
+                        .collect();
+                    headers.sort();
+                    let chunked = headers.iter().any(|h| h == "transfer-encoding: chunked");
+                    let length: usize = headers
+                        .iter()
+                        .find_map(|h| h.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.parse().unwrap());
+                    let body = if chunked {
+                        // Chunks as hyper sends them: no extensions, no trailers.
+                        while !got[end..].windows(5).any(|w| w == b"0\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let mut rest = &got[end..];
+                        let mut body = Vec::new();
+                        loop {
+                            let line = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                            let size = usize::from_str_radix(
+                                std::str::from_utf8(&rest[..line]).unwrap(),
+                                16,
+                            )
+                            .unwrap();
+                            rest = &rest[line + 2..];
+                            if size == 0 {
+                                rest = &rest[2..];
+                                break;
+                            }
+                            body.extend_from_slice(&rest[..size]);
+                            rest = &rest[size + 2..];
+                        }
+                        let used = got.len() - rest.len();
+                        got.drain(..used);
+                        body
+                    } else {
+                        while got.len() < end + length {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let body = got[end..end + length].to_vec();
+                        got.drain(..end + length);
+                        body
+                    };
+                    let mut parts = first.split(' ');
+                    let (method, path) = (parts.next().unwrap(), parts.next().unwrap());
+                    seen.lock().unwrap().push(format!(
+                        "{first}\n{}\n{}",
+                        headers.join("\n"),
+                        String::from_utf8_lossy(&body)
+                    ));
+                    if stream
+                        .write_all(&response(method, path, &body))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if path == "/close" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What a client sees of a response: status, reason, headers (lower-cased, sorted, the
+/// date's value left out) and body.
+async fn seen_by_client(resp: Response<Incoming>) -> String {
+    let reason = resp
+        .extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let mut headers: Vec<String> = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "date" => "date: (present)".to_string(),
+            _ => format!("{k}: {}", v.to_str().unwrap()),
+        })
+        .collect();
+    headers.sort();
+    let status = resp.status();
+    let version = resp.version();
+    let body = body_text(resp).await;
+    let status = status.as_u16();
+    format!(
+        "{version:?} {status} {reason}\n{}\n{body}",
+        headers.join("\n")
+    )
+}
+
+/// Every exchange the fast lane takes, and a few it hands over, as replica and client
+/// see them.
+async fn exchanges(fast_lane: bool) -> (Vec<String>, Vec<String>, String) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let replica = scripted_replica(seen.clone()).await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("lane", serde_json::json!({})));
+    platform.set_endpoints(&key("lane"), vec![endpoint(replica)]);
+    let h = start_with(
+        platform,
+        Settings {
+            fast_lane,
+            ..Settings::default()
+        },
+    )
+    .await;
+    let mut client_saw = Vec::new();
+    let requests: Vec<Request<TestBody>> = vec![
+        h.request("lane.default", "/cl")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-host", "evil.example")
+            .header("x-forwarded-port", "81")
+            .header("x-app", "kept")
+            .header("connection", "keep-alive")
+            .body(empty())
+            .unwrap(),
+        h.request("lane.default", "/chunked").body(empty()).unwrap(),
+        h.request("lane.default", "/close").body(empty()).unwrap(),
+        h.request("lane.default", "/204").body(empty()).unwrap(),
+        h.request("lane.default", "/early").body(empty()).unwrap(),
+        h.request("lane.default", "/reason").body(empty()).unwrap(),
+        h.request("lane.default", "/nodate?q=1&r=%20")
+            .body(empty())
+            .unwrap(),
+        Request::head(format!("http://{}/cl", h.addr))
+            .header("host", "lane.default")
+            .body(empty())
+            .unwrap(),
+        Request::post(format!("http://{}/echo", h.addr))
+            .header("host", "LANE.default.svc.cluster.local.")
+            .body(text("a body"))
+            .unwrap(),
+        // Not the lane's: an X-Zeroscale header and a chunked body go through hyper.
+        h.request("lane.default", "/cl")
+            .header("x-zeroscale-cold-start", "true")
+            .body(empty())
+            .unwrap(),
+        Request::post(format!("http://{}/echo", h.addr))
+            .header("host", "lane.default")
+            .body(BoxBody::new(StreamBody::new(futures::stream::iter([
+                Ok::<_, BoxError>(Frame::data(Bytes::from("streamed"))),
+            ]))))
+            .unwrap(),
+    ];
+    for req in requests {
+        client_saw.push(seen_by_client(h.send(req).await).await);
+    }
+    let handoffs = h
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("zeroscale_activator_lane_handoffs_total{"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let replica_saw = seen.lock().unwrap().clone();
+    (replica_saw, client_saw, handoffs)
+}
+
+/// The fast lane is an optimisation, not a second behaviour: replica and client see the
+/// same exchanges through it as through hyper, for every response framing (length,
+/// chunked, until close, none), 1xx responses, HEAD, odd reasons, a response without a
+/// date, hop-by-hop headers both ways and spoofed forwarding headers.
+#[tokio::test]
+async fn the_fast_lane_and_hyper_give_the_same_exchanges() {
+    let (lane_replica, lane_client, handoffs) = exchanges(true).await;
+    let (full_replica, full_client, none) = exchanges(false).await;
+    assert_eq!(lane_replica, full_replica);
+    assert_eq!(lane_client, full_client);
+    assert!(none.is_empty(), "{none}");
+    // The lane took every request until the first with an X-Zeroscale header; the
+    // client's pool may have opened a second connection on the way.
+    assert!(
+        handoffs.contains(r#"reason="headers""#),
+        "handoffs: {handoffs}"
+    );
+    assert!(!handoffs.contains(r#"reason="replica""#), "{handoffs}");
+    // What the lane's own path did, spelled out once.
+    assert!(
+        lane_replica[0].contains("x-forwarded-for: 127.0.0.1"),
+        "{}",
+        lane_replica[0]
+    );
+    assert!(lane_replica[0].contains("x-forwarded-host: lane.default"));
+    assert!(lane_replica[0].contains("x-forwarded-port: 81"));
+    assert!(!lane_replica[0].contains("connection"));
+    assert!(!lane_client[0].contains("x-hop"), "{}", lane_client[0]);
+    assert!(!lane_client[0].contains("x-zeroscale"));
+    assert!(
+        lane_client[1].ends_with("hello world"),
+        "{}",
+        lane_client[1]
+    );
+    assert!(lane_client[2].ends_with("until the replica closes"));
+    assert!(lane_client[2].starts_with("HTTP/1.1 200"));
+    assert!(lane_client[5].starts_with("HTTP/1.1 299 Custom Thing"));
+    assert!(lane_client[6].contains("date: (present)"));
+    assert!(lane_client[8].ends_with("a body"));
+}
+
+/// One connection, requests pipelined in one write: the lane serves the first, hands the
+/// connection to hyper at the chunked upload (with the bytes it had read past it), and
+/// hyper answers that one and the next, all in order.
+#[tokio::test]
+async fn a_connection_leaves_the_fast_lane_at_the_request_that_needs_hyper() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let replica = scripted_replica(seen.clone()).await;
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("lane", serde_json::json!({})));
+    platform.set_endpoints(&key("lane"), vec![endpoint(replica)]);
+    let h = start(platform).await;
+    let out = raw_exchange(
+        h.addr,
+        b"GET /nodate HTTP/1.1\r\nHost: lane.default\r\n\r\n\
+          GET /cl HTTP/1.1\r\nHost: lane.default\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: lane.default\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+          GET /nodate HTTP/1.1\r\nHost: lane.default\r\nConnection: close\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    // Each response: its status line and its body (what follows the blank line).
+    let responses: Vec<(&str, &str)> = out
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|r| {
+            let (head, body) = r.split_once("\r\n\r\n").unwrap();
+            (head.lines().next().unwrap(), body)
+        })
+        .collect();
+    let expected = [
+        ("200 OK", "abc"),
+        ("200 OK", "hello"),
+        ("200 OK", "abc"),
+        ("200 OK", "abc"),
+    ];
+    assert_eq!(responses, expected, "{out}");
+    let replica_saw = seen.lock().unwrap().clone();
+    assert_eq!(replica_saw.len(), 4);
+    assert!(replica_saw[2].ends_with("abc"), "{}", replica_saw[2]);
+    let metrics = h.metrics_text();
+    assert!(
+        metrics.contains(r#"zeroscale_activator_lane_handoffs_total{reason="headers"} 1"#),
+        "{metrics}"
+    );
+}

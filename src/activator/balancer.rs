@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use rand::Rng;
 
-use super::pool::IdleConns;
+use super::pool::{IdleConns, RawConn};
 
 /// One ready replica of a Function. Shared by every request sent to it and kept alive by
 /// them after it leaves the ready set, so its in-flight count stays true while it drains.
@@ -18,8 +18,10 @@ pub(crate) struct Replica {
     in_flight: AtomicU64,
     /// How many Functions' ready sets list it (0: new requests never go to it).
     routed: AtomicU32,
-    /// Keep-alive connections to it.
+    /// Keep-alive connections to it, for the requests `proxy` serves.
     pub(crate) idle: IdleConns,
+    /// Keep-alive sockets to it, for the fast lane's exchanges (`lane`).
+    pub(crate) raw: IdleConns<RawConn>,
 }
 
 impl Replica {
@@ -30,6 +32,7 @@ impl Replica {
             in_flight: AtomicU64::new(0),
             routed: AtomicU32::new(0),
             idle: IdleConns::new(threads),
+            raw: IdleConns::new(threads),
         })
     }
 

@@ -61,6 +61,9 @@ pub(crate) struct ClientConn {
     rearm: AtomicBool,
     /// The connection speaks HTTP/2.
     h2: AtomicBool,
+    /// The drain asked the connection to end after the request in progress (the fast
+    /// lane's graceful shutdown; hyper keeps its own).
+    shutting_down: AtomicBool,
 }
 
 impl ClientConn {
@@ -81,7 +84,18 @@ impl ClientConn {
             armed: AtomicU64::new(header_timeout),
             rearm: AtomicBool::new(false),
             h2: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
         })
+    }
+
+    /// Asks the connection to end once no request is in progress.
+    pub(crate) fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// [`Self::shut_down`] was called.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
     }
 
     fn since_accepted(&self, t: Instant) -> u64 {
@@ -291,6 +305,20 @@ pub(crate) struct DrainWatch {
 }
 
 impl DrainWatch {
+    /// A second view of the same drain, for the part of a connection served after a
+    /// first one ended (a drain already started shows in it too).
+    pub(crate) fn again(&self) -> DrainWatch {
+        let rx = self.rx.clone();
+        let mut waiting = rx.clone();
+        DrainWatch {
+            rx,
+            wake: Box::pin(async move {
+                let _ = waiting.changed().await;
+            }),
+            registered: false,
+        }
+    }
+
     fn started(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.registered {
             self.registered = true;
@@ -428,15 +456,38 @@ pub(crate) struct ClientIo {
     client: Arc<ClientConn>,
     /// Bytes of the preface matched so far; `None` once decided.
     preface: Option<usize>,
+    /// Bytes read from the socket before hyper took it (by the fast lane), read first.
+    read: Bytes,
 }
 
 impl ClientIo {
+    #[cfg(test)]
     pub(crate) fn new(stream: TcpStream, client: Arc<ClientConn>) -> Self {
+        Self::with_read(stream, Vec::new(), client)
+    }
+
+    /// A socket of which `read` was already read.
+    pub(crate) fn with_read(stream: TcpStream, read: Vec<u8>, client: Arc<ClientConn>) -> Self {
         Self {
             io: TokioIo::new(stream),
             client,
             preface: Some(0),
+            read: Bytes::from(read),
         }
+    }
+
+    /// Follows the preface through `got`, the next bytes read.
+    fn match_preface(&mut self, matched: usize, got: &[u8]) {
+        let end = (matched + got.len()).min(H2_PREFACE.len());
+        let got = &got[..end - matched];
+        self.preface = if got.is_empty() || got != &H2_PREFACE[matched..end] {
+            None
+        } else if end == H2_PREFACE.len() {
+            self.client.h2.store(true, Ordering::Relaxed);
+            None
+        } else {
+            Some(end)
+        };
     }
 
     /// Reads the first bytes through a small buffer of our own to look at them.
@@ -455,15 +506,7 @@ impl ClientIo {
             &mut read
         ))?;
         let got = read.filled();
-        let end = matched + got.len();
-        self.preface = if got.is_empty() || got != &H2_PREFACE[matched..end] {
-            None
-        } else if end == H2_PREFACE.len() {
-            self.client.h2.store(true, Ordering::Relaxed);
-            None
-        } else {
-            Some(end)
-        };
+        self.match_preface(matched, got);
         buf.put_slice(got);
         Poll::Ready(Ok(()))
     }
@@ -473,9 +516,18 @@ impl hyper::rt::Read for ClientIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            let got = this.read.split_to(n);
+            if let Some(matched) = this.preface {
+                this.match_preface(matched, &got);
+            }
+            buf.put_slice(&got);
+            return Poll::Ready(Ok(()));
+        }
         match this.preface {
             Some(matched) => this.poll_read_first(cx, matched, buf),
             None => Pin::new(&mut this.io).poll_read(cx, buf),

@@ -37,7 +37,7 @@ pub(crate) enum ProxyError {
     Upstream {
         key: FunctionKey,
         #[source]
-        source: hyper::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("Function {key} did not answer within {timeout:?}")]
     RequestTimeout { key: FunctionKey, timeout: Duration },

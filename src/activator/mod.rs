@@ -2,7 +2,8 @@
 //! routes by Host, holds requests while a Function wakes from zero, balances across
 //! replicas and streams the exchange, following the platform's watches (never polling).
 //!
-//! Layers, each in its module: `routing` (Host -> Function, replicas), `gate` (queue
+//! Layers, each in its module: `lane` (the HTTP/1.1 fast lane that proxies the common
+//! exchange as bytes, handing everything else to hyper), `routing` (Host -> Function, replicas), `gate` (queue
 //! and wake), `early` (cold starts served by replicas probed before the platform lists
 //! them), `balancer` (P2C least in flight, per-replica caps), `pool` (keep-alive
 //! connections per replica), `proxy` (headers, bodies, upgrades, retries), `stats`
@@ -24,6 +25,7 @@ mod early;
 mod error;
 mod gate;
 pub mod lameduck;
+mod lane;
 mod pool;
 mod proxy;
 mod routing;
@@ -138,6 +140,20 @@ pub struct Config {
         require_equals = true
     )]
     pub cold_start_probe: bool,
+    /// Proxy the common HTTP/1.1 exchange (a head in origin form, no body or a short
+    /// one with a length, for a Function with a replica ready) as bytes, without
+    /// hyper's machinery on either side; everything else, and everything with `false`,
+    /// goes through hyper (see BENCHMARKS.md for what it saves).
+    #[arg(
+        long,
+        env = "ZEROSCALE_FAST_LANE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true
+    )]
+    pub fast_lane: bool,
     #[command(flatten)]
     pub shared: crate::api::config::SharedArgs,
 }
@@ -172,6 +188,7 @@ pub async fn run(config: Config) -> crate::Result<()> {
             .data_plane_threads
             .unwrap_or_else(Settings::threads_per_cpu),
         cold_start_probe: config.cold_start_probe,
+        fast_lane: config.fast_lane,
         ..Settings::default()
     };
     let registry = prometheus::Registry::new();
@@ -276,6 +293,9 @@ pub struct Settings {
     /// itself before the platform lists them ready (see `early`), where the platform
     /// offers candidates.
     pub cold_start_probe: bool,
+    /// Serve the common HTTP/1.1 exchange in the fast lane (`lane`) rather than through
+    /// hyper.
+    pub fast_lane: bool,
 }
 
 impl Settings {
@@ -300,6 +320,7 @@ impl Default for Settings {
             pool_idle_timeout: Duration::from_secs(90),
             workers: 0,
             cold_start_probe: true,
+            fast_lane: true,
         }
     }
 }
@@ -441,7 +462,9 @@ impl Activator {
         Ok(())
     }
 
-    /// Serves one client connection on the current runtime, in a task of its own.
+    /// Serves one client connection on the current runtime, in a task of its own: in the
+    /// fast lane while its requests are the lane's kind, through hyper from the first
+    /// one that is not.
     fn serve(
         self: &Arc<Self>,
         builder: &auto::Builder<TokioExecutor>,
@@ -455,6 +478,44 @@ impl Activator {
             &self.settings.trusted_proxies,
             self.settings.header_read_timeout,
         );
+        let act = self.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let _open = open;
+            let (stream, read, drain) = if act.settings.fast_lane {
+                let again = drain.again();
+                let lane = lane::serve(&act, &client, stream);
+                let lane = Watched::new(lane, client.clone(), drain, |_| client.shut_down());
+                match lane.await {
+                    None => {
+                        debug!(%peer, "no request head within the header read timeout");
+                        return;
+                    }
+                    Some(lane::Ended::Closed) => return,
+                    Some(lane::Ended::Handoff { stream, read }) => (stream, read, again),
+                }
+            } else {
+                (stream, Vec::new(), drain)
+            };
+            let io = ClientIo::with_read(stream, read, client.clone());
+            match act.serve_hyper(&builder, io, client, drain).await {
+                Some(Err(e)) => {
+                    debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                None => debug!(%peer, "no request head within the header read timeout"),
+                Some(Ok(())) => {}
+            }
+        });
+    }
+
+    /// Serves a client connection through hyper until it ends.
+    async fn serve_hyper(
+        self: &Arc<Self>,
+        builder: &auto::Builder<TokioExecutor>,
+        io: ClientIo,
+        client: Arc<ClientConn>,
+        drain: DrainWatch,
+    ) -> Option<Result<(), Box<dyn std::error::Error + Send + Sync>>> {
         let act = self.clone();
         let svc_client = client.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
@@ -472,20 +533,8 @@ impl Activator {
                 Ok::<_, Infallible>(resp.map(|body| ClientBody::new(body, active)))
             }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(ClientIo::new(stream, client.clone()), svc)
-            .into_owned();
-        let conn = Watched::new(conn, client, drain, |c| c.graceful_shutdown());
-        tokio::spawn(async move {
-            let _open = open;
-            match conn.await {
-                Some(Err(e)) => {
-                    debug!(%peer, error = %e, "client connection ended with an error");
-                }
-                None => debug!(%peer, "no request head within the header read timeout"),
-                Some(Ok(())) => {}
-            }
-        });
+        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+        Watched::new(conn, client, drain, |c| c.graceful_shutdown()).await
     }
 
     /// Applies the platform's events to the routing table until `shutdown`.

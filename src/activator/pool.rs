@@ -8,16 +8,20 @@
 //! each back to the stack of the thread it belongs to. Only a request that would
 //! otherwise wait for a connect slot borrows another thread's idle connection.
 //!
-//! Written on hyper's connection API rather than hyper-util's legacy `Client` because
-//! the proxy needs what that client hides: whether a failure happened before the request
-//! was written (then it is retried, on another replica for a connect failure), and no
-//! extra task per request to return a connection to the pool.
+//! Two kinds of connection are pooled, each in its own [`IdleConns`]: hyper's ([`Conn`],
+//! for the requests `proxy` serves) and plain sockets ([`RawConn`], for the HTTP/1.1
+//! exchanges `lane` writes and reads itself). The hyper kind is written on hyper's
+//! connection API rather than hyper-util's legacy `Client` because the proxy needs what
+//! that client hides: whether a failure happened before the request was written (then it
+//! is retried, on another replica for a connect failure), and no extra task per request
+//! to return a connection to the pool.
 
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
@@ -65,6 +69,22 @@ impl Conn {
     > + use<> {
         self.send.try_send_request(req)
     }
+}
+
+/// A pooled connection, as the pool sees it.
+pub(crate) trait Pooled {
+    /// The data-plane thread whose stack it goes back to.
+    fn home(&self) -> usize;
+    /// It can never take a request again.
+    fn is_closed(&self) -> bool;
+    /// It can take a request now (not still finishing its last exchange).
+    fn is_ready(&self) -> bool;
+}
+
+impl Pooled for Conn {
+    fn home(&self) -> usize {
+        self.home
+    }
 
     fn is_closed(&self) -> bool {
         self.send.is_closed()
@@ -72,6 +92,47 @@ impl Conn {
 
     fn is_ready(&self) -> bool {
         self.send.is_ready()
+    }
+}
+
+/// A plain keep-alive socket to a replica, between two HTTP/1.1 exchanges (`lane`).
+pub(crate) struct RawConn {
+    pub(crate) stream: TcpStream,
+    home: usize,
+}
+
+impl RawConn {
+    /// Opens one from this thread.
+    pub(crate) async fn open(addr: SocketAddr, timeout: Duration) -> Result<Self, ConnectError> {
+        Ok(Self {
+            stream: connect_tcp(addr, timeout).await?,
+            home: WORKER.get(),
+        })
+    }
+}
+
+impl Pooled for RawConn {
+    fn home(&self) -> usize {
+        self.home
+    }
+
+    /// An idle socket is readable only when the replica closed it (or broke the
+    /// protocol by sending unasked bytes). The event loop's readiness answers without a
+    /// system call when nothing arrived; only a socket flagged readable is read.
+    fn is_closed(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                let mut byte = [0u8; 1];
+                !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        true
     }
 }
 
@@ -102,11 +163,11 @@ impl ConnectError {
 }
 
 /// Idle connections with when each came back, newest last.
-type Stack = Mutex<Vec<(Conn, Instant)>>;
+type Stack<C> = Mutex<Vec<(C, Instant)>>;
 
 /// The idle connections of one replica, one stack per data-plane thread.
-pub(crate) struct IdleConns {
-    stacks: Box<[Stack]>,
+pub(crate) struct IdleConns<C = Conn> {
+    stacks: Box<[Stack<C>]>,
     /// Idle connections kept per stack at most.
     max_idle: usize,
     connecting: AtomicUsize,
@@ -117,7 +178,7 @@ pub(crate) struct IdleConns {
     changed: Notify,
 }
 
-impl std::fmt::Debug for IdleConns {
+impl<C> std::fmt::Debug for IdleConns<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n: usize = self
             .stacks
@@ -128,7 +189,33 @@ impl std::fmt::Debug for IdleConns {
     }
 }
 
-impl IdleConns {
+impl IdleConns<Conn> {
+    /// A connection for one request: an idle one, a new one, or, while the most
+    /// connects are under way, the first one to come back. `true` when it was pooled.
+    pub(crate) async fn acquire(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<(Conn, bool), ConnectError> {
+        let here = WORKER.get();
+        self.acquire_with(|| async move {
+            connect(addr, connect_timeout)
+                .await
+                .map(|send| Conn { send, home: here })
+        })
+        .await
+    }
+}
+
+impl<C> IdleConns<C> {
+    fn wake_one(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_one();
+        }
+    }
+}
+
+impl<C: Pooled> IdleConns<C> {
     /// Idle connections for `threads` data-plane threads (at least one stack).
     pub(crate) fn new(threads: usize) -> Self {
         let threads = threads.max(1);
@@ -141,18 +228,19 @@ impl IdleConns {
         }
     }
 
-    fn stack(&self, thread: usize) -> &Stack {
+    fn stack(&self, thread: usize) -> &Stack<C> {
         &self.stacks[thread % self.stacks.len()]
     }
 
-    /// A connection for one request: an idle one, a new one, or, while the most
+    /// A connection for one request: an idle one, one `open` makes, or, while the most
     /// connects are under way, the first one to come back. `true` when it was pooled.
-    pub(crate) async fn acquire(
-        &self,
-        addr: SocketAddr,
-        connect_timeout: Duration,
-    ) -> Result<(Conn, bool), ConnectError> {
+    pub(crate) async fn acquire_with<F, Fut>(&self, open: F) -> Result<(C, bool), ConnectError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<C, ConnectError>>,
+    {
         let here = WORKER.get();
+        let mut open = Some(open);
         if let Some(conn) = self.checkout(here) {
             return Ok((conn, true));
         }
@@ -160,10 +248,12 @@ impl IdleConns {
             // The slot is given back however the connect ends, also when the request
             // stops waiting for it (its timeout, its client gone) and drops it midway.
             let slot = Connecting::enter(self);
-            if slot.granted {
-                let result = connect(addr, connect_timeout).await;
+            if slot.granted
+                && let Some(open) = open.take()
+            {
+                let result = open().await;
                 drop(slot);
-                return result.map(|send| (Conn { send, home: here }, false));
+                return result.map(|conn| (conn, false));
             }
             drop(slot);
             // Announce the wait before looking again: a checkin that pushes after this
@@ -187,25 +277,19 @@ impl IdleConns {
 
     /// An idle connection of this thread, if one is ready: the common case of
     /// [`Self::acquire`], without its future.
-    pub(crate) fn checkout_here(&self) -> Option<Conn> {
+    pub(crate) fn checkout_here(&self) -> Option<C> {
         self.checkout(WORKER.get())
     }
 
-    fn wake_one(&self) {
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.changed.notify_one();
-        }
-    }
-
     /// An idle connection of any thread, this one's first.
-    fn checkout_any(&self, here: usize) -> Option<Conn> {
+    fn checkout_any(&self, here: usize) -> Option<C> {
         let n = self.stacks.len();
         (0..n).find_map(|i| self.checkout(here + i))
     }
 
     /// The most recently used idle connection of `thread` that is ready, if any. Closed
     /// ones are dropped; one still finishing its last exchange is left for later.
-    fn checkout(&self, thread: usize) -> Option<Conn> {
+    fn checkout(&self, thread: usize) -> Option<C> {
         let mut stack = self.stack(thread).lock().ok()?;
         let mut i = stack.len();
         while i > 0 {
@@ -221,11 +305,11 @@ impl IdleConns {
 
     /// Returns a connection whose last response was read to the end at `now`.
     /// Connections idle longer than `idle_timeout` are closed on the way.
-    pub(crate) fn checkin(&self, conn: Conn, now: Instant, idle_timeout: Duration) {
+    pub(crate) fn checkin(&self, conn: C, now: Instant, idle_timeout: Duration) {
         if conn.is_closed() {
             return;
         }
-        let Ok(mut stack) = self.stack(conn.home).lock() else {
+        let Ok(mut stack) = self.stack(conn.home()).lock() else {
             return;
         };
         let stale = stack
@@ -242,14 +326,14 @@ impl IdleConns {
 }
 
 /// A connect in progress, counted in [`IdleConns::connecting`] until it is dropped.
-struct Connecting<'a> {
-    conns: &'a IdleConns,
+struct Connecting<'a, C> {
+    conns: &'a IdleConns<C>,
     /// Under the limit: this request may connect.
     granted: bool,
 }
 
-impl<'a> Connecting<'a> {
-    fn enter(conns: &'a IdleConns) -> Self {
+impl<'a, C> Connecting<'a, C> {
+    fn enter(conns: &'a IdleConns<C>) -> Self {
         let before = conns.connecting.fetch_add(1, Ordering::SeqCst);
         Self {
             conns,
@@ -258,7 +342,7 @@ impl<'a> Connecting<'a> {
     }
 }
 
-impl Drop for Connecting<'_> {
+impl<C> Drop for Connecting<'_, C> {
     fn drop(&mut self) {
         self.conns.connecting.fetch_sub(1, Ordering::SeqCst);
         if self.granted {
@@ -284,17 +368,23 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Opens a new connection and spawns the task that drives it.
-pub(crate) async fn connect(
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<SendRequest<UpstreamBody>, ConnectError> {
+/// Opens a TCP connection within `timeout`, with Nagle off.
+async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ConnectError::Tcp { addr, source }),
         Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
     };
     let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Opens a new connection and spawns the task that drives it.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<SendRequest<UpstreamBody>, ConnectError> {
+    let stream = connect_tcp(addr, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         // One buffer, one `write` per message, as on client connections (`Activator::run`).
         .writev(false)

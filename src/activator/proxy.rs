@@ -55,6 +55,16 @@ impl ConnInfo {
         }
     }
 
+    /// The peer's address, as `X-Forwarded-For` gives it.
+    pub(crate) fn peer_ip(&self) -> &HeaderValue {
+        &self.peer_ip
+    }
+
+    /// The peer is a trusted proxy: its `X-Forwarded-*` headers are kept and extended.
+    pub(crate) fn trusted(&self) -> bool {
+        self.trusted
+    }
+
     #[cfg(test)]
     fn for_test(ip: std::net::IpAddr, trusted: bool) -> Self {
         Self {
@@ -313,7 +323,7 @@ async fn forward(
                     (None, None) => {
                         return Err(ProxyError::Upstream {
                             key: fs.key.clone(),
-                            source: e.into_error(),
+                            source: e.into_error().into(),
                         });
                     }
                 };
@@ -660,10 +670,13 @@ pub(crate) struct RequestGuard {
     /// The response was read to the end, so its connection can be reused.
     completed: bool,
     idle_timeout: std::time::Duration,
+    /// Its duration goes into the Function's histogram (not for a request the fast
+    /// lane gave up before sending, which the full path then counts).
+    observed: bool,
 }
 
 impl RequestGuard {
-    fn arrive(
+    pub(crate) fn arrive(
         fs: Arc<FunctionState>,
         traffic: &Traffic,
         capped: bool,
@@ -680,14 +693,26 @@ impl RequestGuard {
             upstream: None,
             completed: false,
             idle_timeout,
+            observed: true,
         }
+    }
+
+    /// When the request arrived.
+    pub(crate) fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// The request is given up before it was sent, and served again from the start:
+    /// its presence counts, its duration does not.
+    pub(crate) fn abandon(mut self) {
+        self.observed = false;
     }
 
     fn traffic(&self) -> Option<&Traffic> {
         self.fs.traffic_if_any()
     }
 
-    fn admitted(&mut self, lease: Lease) {
+    pub(crate) fn admitted(&mut self, lease: Lease) {
         if let Some(t) = self.traffic() {
             t.counters
                 .in_flight
@@ -726,7 +751,9 @@ impl Drop for RequestGuard {
         self.release(now);
         if let Some(t) = self.traffic() {
             let present = t.counters.depart(now, self.arrived);
-            t.metrics.duration.observe(present.as_secs_f64());
+            if self.observed {
+                t.metrics.duration.observe(present.as_secs_f64());
+            }
         }
     }
 }

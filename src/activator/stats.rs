@@ -30,6 +30,9 @@ pub(crate) struct Metrics {
     pub(crate) early_routes: IntCounterVec,
     /// Requests sent to a replica routed early, by outcome.
     pub(crate) early_requests: IntCounterVec,
+    /// Client connections the fast lane handed to hyper, by the reason (no Function
+    /// label: a handful of series in all).
+    pub(crate) lane_handoffs: IntCounterVec,
 }
 
 impl Metrics {
@@ -92,6 +95,19 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let lane_handoffs = IntCounterVec::new(
+            Opts::new(
+                "zeroscale_activator_lane_handoffs_total",
+                "Client connections the HTTP/1.1 fast lane handed to the full proxy, by \
+                 the first request it did not take: protocol (not an HTTP/1.1 head in \
+                 origin form), headers (hop-by-hop, Expect, Transfer-Encoding, \
+                 X-Zeroscale-*), body (longer than the lane buffers), host (unknown or \
+                 missing), function (invalid), replica (none ready with room: at zero, \
+                 waking, at its cap), connect (a new connection to the replica failed).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(lane_handoffs.clone()))?;
         registry.register(Box::new(early_routes.clone()))?;
         registry.register(Box::new(early_requests.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -107,6 +123,7 @@ impl Metrics {
             wake_to_ready,
             early_routes,
             early_requests,
+            lane_handoffs,
         })
     }
 
