@@ -278,15 +278,7 @@ impl Drain {
     }
 
     pub(crate) fn watcher(&self) -> DrainWatch {
-        let rx = self.tx.subscribe();
-        let mut waiting = rx.clone();
-        DrainWatch {
-            rx,
-            wake: Box::pin(async move {
-                let _ = waiting.changed().await;
-            }),
-            registered: false,
-        }
+        DrainWatch::new(self.tx.subscribe())
     }
 
     /// Tells every connection to finish, and waits until all have.
@@ -308,7 +300,10 @@ impl DrainWatch {
     /// A second view of the same drain, for the part of a connection served after a
     /// first one ended (a drain already started shows in it too).
     pub(crate) fn again(&self) -> DrainWatch {
-        let rx = self.rx.clone();
+        DrainWatch::new(self.rx.clone())
+    }
+
+    fn new(rx: watch::Receiver<()>) -> DrainWatch {
         let mut waiting = rx.clone();
         DrainWatch {
             rx,
