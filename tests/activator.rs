@@ -535,6 +535,9 @@ async fn unreachable_replicas_are_502_and_a_live_one_is_found() {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(body_text(resp).await, "alive");
     }
+    // Each request counted once for the autoscaler, also those the fast lane handed
+    // over after its connect failed.
+    assert_eq!(h.stats("gone").unwrap().requests_total, 11);
 }
 
 #[tokio::test]

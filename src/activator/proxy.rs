@@ -703,9 +703,12 @@ impl RequestGuard {
     }
 
     /// The request is given up before it was sent, and served again from the start:
-    /// its presence counts, its duration does not.
+    /// its presence so far counts, its arrival and its duration are counted there.
     pub(crate) fn abandon(mut self) {
         self.observed = false;
+        if let Some(t) = self.traffic() {
+            t.counters.recount();
+        }
     }
 
     fn traffic(&self) -> Option<&Traffic> {

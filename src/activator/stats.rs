@@ -274,6 +274,12 @@ impl Counters {
         now
     }
 
+    /// An arrival that will be counted again (the fast lane handing a request over):
+    /// it is taken back from the request count, its presence so far stays.
+    pub(crate) fn recount(&self) {
+        self.requests_total.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// The request that arrived at `arrived` left: returns how long it was present.
     pub(crate) fn depart(&self, now: Instant, arrived: u64) -> Duration {
         let now = self.nanos(now);
