@@ -276,3 +276,15 @@ def test_the_lame_duck_time_is_computed_from_the_functions_and_the_write_rate(re
     assert f"--lame-duck-timeout={lame_duck}s" in activator["containers"][0]["args"]
     assert f"--lame-duck-limit={limit}s" in activator["containers"][0]["args"]
     assert activator["terminationGracePeriodSeconds"] == limit + 30 + 15
+
+
+@pytest.mark.parametrize(("values", "flags"), [
+    ({}, ["--cold-start-probe=true", "--fast-lane=true"]),
+    ({"activator": {"fastLane": False, "coldStartProbe": False}}, ["--cold-start-probe=false", "--fast-lane=false"]),
+])
+def test_the_data_path_switches_reach_the_activator(render_values, values, flags):
+    """Both data-path shortcuts are on by default and each can be turned off from values."""
+    docs = render_values(values)
+    args = one(docs, "Deployment", "zeroscale-activator")["spec"]["template"]["spec"]["containers"][0]["args"]
+    for flag in flags:
+        assert flag in args
