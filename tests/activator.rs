@@ -2182,6 +2182,10 @@ async fn scripted_replica(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
                         headers.join("\n"),
                         String::from_utf8_lossy(&body)
                     ));
+                    if path == "/hang" {
+                        // Never answers: the request timeout's 504.
+                        futures::future::pending::<()>().await;
+                    }
                     if stream
                         .write_all(&response(method, path, &body))
                         .await
@@ -2232,7 +2236,10 @@ async fn exchanges(fast_lane: bool) -> (Vec<String>, Vec<String>, String) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let replica = scripted_replica(seen.clone()).await;
     let platform = MemoryPlatform::new();
-    platform.apply_function(function("lane", serde_json::json!({})));
+    platform.apply_function(function(
+        "lane",
+        serde_json::json!({"timeouts": {"request": "1s"}}),
+    ));
     platform.set_endpoints(&key("lane"), vec![endpoint(replica)]);
     let h = start_with(
         platform,
@@ -2260,6 +2267,7 @@ async fn exchanges(fast_lane: bool) -> (Vec<String>, Vec<String>, String) {
         h.request("lane.default", "/nodate?q=1&r=%20")
             .body(empty())
             .unwrap(),
+        h.request("lane.default", "/hang").body(empty()).unwrap(),
         Request::head(format!("http://{}/cl", h.addr))
             .header("host", "lane.default")
             .body(empty())
@@ -2296,7 +2304,8 @@ async fn exchanges(fast_lane: bool) -> (Vec<String>, Vec<String>, String) {
 /// The fast lane is an optimisation, not a second behaviour: replica and client see the
 /// same exchanges through it as through hyper, for every response framing (length,
 /// chunked, until close, none), 1xx responses, HEAD, odd reasons, a response without a
-/// date, hop-by-hop headers both ways and spoofed forwarding headers.
+/// date, hop-by-hop headers both ways, spoofed forwarding headers, and the answer when
+/// the replica does not answer in time.
 #[tokio::test]
 async fn the_fast_lane_and_hyper_give_the_same_exchanges() {
     let (lane_replica, lane_client, handoffs) = exchanges(true).await;
@@ -2331,7 +2340,12 @@ async fn the_fast_lane_and_hyper_give_the_same_exchanges() {
     assert!(lane_client[2].starts_with("HTTP/1.1 200"));
     assert!(lane_client[5].starts_with("HTTP/1.1 299 Custom Thing"));
     assert!(lane_client[6].contains("date: (present)"));
-    assert!(lane_client[8].ends_with("a body"));
+    assert!(
+        lane_client[7].starts_with("HTTP/1.1 504"),
+        "{}",
+        lane_client[7]
+    );
+    assert!(lane_client[9].ends_with("a body"));
 }
 
 /// One connection, requests pipelined in one write: the lane serves the first, hands the

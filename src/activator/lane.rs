@@ -530,7 +530,12 @@ impl<'a> Lane<'a> {
         }
         drop(guard);
         drop(active);
+        // The head and body `ProxyError::into_response` gives the full path, written out.
         let body = format!("{e}\n");
+        let resp = e.into_response();
+        let mut close = plan.close
+            || self.client.is_shutting_down()
+            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed);
         let out = &mut self.out;
         out.clear();
         status_line(
@@ -538,12 +543,15 @@ impl<'a> Lane<'a> {
             status.as_u16(),
             status.canonical_reason().unwrap_or("").as_bytes(),
         );
-        out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\n");
+        for (name, value) in resp.headers() {
+            if name == http::header::CONNECTION {
+                close = true;
+                continue;
+            }
+            header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
         out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
         date_line(out);
-        let close = plan.close
-            || self.client.is_shutting_down()
-            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed);
         if close {
             out.extend_from_slice(b"connection: close\r\n");
         }
