@@ -2393,3 +2393,53 @@ async fn a_connection_leaves_the_fast_lane_at_the_request_that_needs_hyper() {
         "{metrics}"
     );
 }
+
+/// A keep-alive connection whose first request wakes a Function from zero stays in the
+/// fast lane: the full proxy serves the cold request on it (queue, wake, the cold-start
+/// mark), and the warm ones after it go the fast way; nothing is handed to hyper.
+#[tokio::test]
+async fn a_cold_start_does_not_take_a_connection_out_of_the_fast_lane() {
+    let platform = MemoryPlatform::new();
+    platform.apply_function(function("cold", serde_json::json!({})));
+    let h = start(platform).await;
+    let stream = TcpStream::connect(h.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = || {
+        Request::get("/")
+            .header("host", "cold.default")
+            .body(empty())
+            .unwrap()
+    };
+    let first = send.send_request(request());
+    let wake = async {
+        h.platform.wait_for_wakes(1).await;
+        let replica = hello_backend("awake").await;
+        h.platform
+            .set_endpoints(&key("cold"), vec![endpoint(replica)]);
+    };
+    let (resp, ()) = tokio::join!(first, wake);
+    let resp = resp.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-zeroscale-cold-start"], "true");
+    assert_eq!(body_text(resp).await, "awake");
+    for _ in 0..3 {
+        let resp = send.send_request(request()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers().get("x-zeroscale-cold-start").is_none());
+        assert_eq!(body_text(resp).await, "awake");
+    }
+    let metrics = h.metrics_text();
+    assert!(
+        metrics
+            .contains(r#"zeroscale_activator_lane_full_path_requests_total{reason="replica"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("zeroscale_activator_lane_handoffs_total{"),
+        "{metrics}"
+    );
+    assert_eq!(h.stats("cold").unwrap().requests_total, 4);
+}

@@ -11,17 +11,25 @@
 //! task sits between the two sockets, and a request costs a fraction of what the same
 //! exchange costs through hyper on both sides (BENCHMARKS.md, "Data-plane steps").
 //!
-//! Everything else goes the full way (`proxy`, behind hyper's server): upgrades and
-//! `h2c`, HTTP/2 and HTTP/1.0, chunked or large request bodies, `Expect`, heads that are
-//! malformed or too large, unknown hosts, a Function that is invalid, at zero, waking
-//! or at its concurrency cap, and a connect that fails. The lane decides before it has
-//! done anything a client or a replica could see: it hands the connection over to hyper
-//! together with the bytes it has read, and hyper serves that request and every later
-//! one on the connection as if it had read them itself. So the answers of the error
-//! table, the queue, cold starts, retries on other replicas and the early routes of a
-//! wake stay in one place, and the lane adds only two answers of its own, for failures
-//! after a request was sent: 502 when the replica breaks the exchange before its
-//! response head, 504 when that head does not come within the request timeout.
+//! A request of that shape for a Function that cannot take it at once (at zero, waking,
+//! at its concurrency cap or with requests queued) or whose new replica connection
+//! fails is served by the full proxy (`proxy::handle`: the queue, the wake and its early
+//! routes, retries on other replicas, the error table) on the lane's connection, its
+//! head turned into an `http::Request` for that one request; its answer is written back
+//! here, and the connection stays in the lane (`zeroscale_activator_lane_full_path_requests_total`).
+//! A client that disconnects while its request waits takes it out of the queue, as on
+//! hyper's path.
+//!
+//! Requests the lane does not parse go to hyper's server with the whole connection:
+//! upgrades and `h2c`, HTTP/2 and HTTP/1.0, chunked or large request bodies, `Expect`,
+//! `X-Zeroscale-*` headers, heads that are malformed or too large, unknown hosts and
+//! invalid Functions. The lane decides before it has done anything a client or a replica
+//! could see: it hands the connection over together with the bytes it has read, and
+//! hyper serves that request and every later one on the connection as if it had read
+//! them itself (`zeroscale_activator_lane_handoffs_total`). The lane adds only two
+//! answers of its own, for failures after a request was sent: 502 when the replica
+//! breaks the exchange before its response head, 504 when that head does not come
+//! within the request timeout, both written as `ProxyError::into_response` gives them.
 //!
 //! What a client and a replica see is what the full path gives them: the same request
 //! headers (hop-by-hop removed, `X-Forwarded-*` replaced unless the peer is a trusted
@@ -35,6 +43,8 @@ use std::io;
 use std::sync::Arc;
 use std::task::Poll;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -45,7 +55,7 @@ use super::balancer;
 use super::client::ClientConn;
 use super::error::ProxyError;
 use super::pool::RawConn;
-use super::proxy::RequestGuard;
+use super::proxy::{self, RequestGuard};
 use super::routing::{Conf, FunctionState};
 use crate::api::hosts::normalize_host_ref;
 
@@ -150,8 +160,9 @@ struct Lane<'a> {
 struct Plan {
     fs: Arc<FunctionState>,
     conf: Arc<Conf>,
-    /// Bytes of the client's request (head and body) in `inbuf`.
+    /// Bytes of the client's request (head and body) in `inbuf`, and of its head.
     len: usize,
+    head_len: usize,
     head: bool,
     /// The client asked to close after this exchange.
     close: bool,
@@ -226,11 +237,11 @@ impl<'a> Lane<'a> {
                 > 0
         {
             // Requests wait for a slot: this one queues behind them, on the full path.
-            return Step::Handoff(Reason::Replica);
+            return self.full_path(&plan, Reason::Replica).await;
         }
         let Ok(lease) = balancer::pick(&fs.replicas(), cap, &[]) else {
             // At zero, waking or full: the queue and the wake are the full path's.
-            return Step::Handoff(Reason::Replica);
+            return self.full_path(&plan, Reason::Replica).await;
         };
         let replica = lease.replica().clone();
         let idle_timeout = act.settings.pool_idle_timeout;
@@ -254,7 +265,8 @@ impl<'a> Lane<'a> {
                     // Trying other replicas is the full path's; nothing was sent yet.
                     _ => {
                         guard.abandon();
-                        return Step::Handoff(Reason::Connect);
+                        drop(active);
+                        return self.full_path(&plan, Reason::Connect).await;
                     }
                 }
             }
@@ -277,13 +289,13 @@ impl<'a> Lane<'a> {
                         plan.head,
                         closing,
                     );
-                    match self
-                        .client
-                        .bound(http::Version::HTTP_11, deadline, read)
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => {
+                    let bounded = self.client.bound(http::Version::HTTP_11, deadline, read);
+                    let limit = self.act.settings.max_header_bytes;
+                    match while_connected(&mut self.stream, &mut self.inbuf, limit, bounded).await {
+                        // The client left: so does its request (as hyper drops it).
+                        None => return Step::Close,
+                        Some(Ok(r)) => r,
+                        Some(Err(_)) => {
                             let e = ProxyError::RequestTimeout {
                                 key: fs.key.clone(),
                                 timeout: conf.request,
@@ -505,10 +517,154 @@ impl<'a> Lane<'a> {
             fs,
             conf,
             len,
+            head_len,
             head: method == "HEAD",
             close,
             replayable,
         })
+    }
+
+    /// Serves the request in `inbuf` through the full proxy (`proxy::handle`: the queue,
+    /// the wake and its early routes, retries on other replicas, the error table) and
+    /// writes its answer here: the connection stays in the lane.
+    async fn full_path(&mut self, plan: &Plan, reason: Reason) -> Step {
+        self.act
+            .metrics
+            .lane_full_path
+            .with_label_values(&[reason.label()])
+            .inc();
+        let Some(req) = self.request_of(plan) else {
+            return Step::Handoff(Reason::Protocol);
+        };
+        self.inbuf.drain(..plan.len);
+        let close = plan.close
+            || self.client.is_shutting_down()
+            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed);
+        let active = self.client.request_started(http::Version::HTTP_11);
+        let handled = proxy::handle(self.act, active.client(), req);
+        let limit = self.act.settings.max_header_bytes;
+        // A client that leaves takes its request out of the queue, as on hyper's path.
+        let Some(resp) = while_connected(&mut self.stream, &mut self.inbuf, limit, handled).await
+        else {
+            return Step::Close;
+        };
+        let step = self.write_response(resp, plan.head, close).await;
+        drop(active);
+        step
+    }
+
+    /// The request in `inbuf` as the full proxy takes it.
+    fn request_of(&self, plan: &Plan) -> Option<http::Request<Bytes>> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        parsed.parse(&self.inbuf[..plan.head_len]).ok()?;
+        let mut req = http::Request::builder()
+            .method(parsed.method?)
+            .uri(parsed.path?)
+            .version(http::Version::HTTP_11);
+        let map = req.headers_mut()?;
+        map.reserve(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            map.append(
+                http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                http::HeaderValue::from_bytes(h.value).ok()?,
+            );
+        }
+        req.body(Bytes::copy_from_slice(&self.inbuf[plan.head_len..plan.len]))
+            .ok()
+    }
+
+    /// Writes a response of the full proxy to the client as hyper's server would: its
+    /// length when known, chunked when not, a `Date`, `Connection: close` when `close`.
+    async fn write_response(
+        &mut self,
+        resp: http::Response<proxy::ProxyBody>,
+        head_request: bool,
+        mut close: bool,
+    ) -> Step {
+        let (parts, mut body) = resp.into_parts();
+        let status = parts.status.as_u16();
+        let out = &mut self.out;
+        out.clear();
+        let reason = parts
+            .extensions
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| r.as_bytes())
+            .or_else(|| parts.status.canonical_reason().map(str::as_bytes))
+            .unwrap_or(b"");
+        status_line(out, status, reason);
+        let (mut length, mut dated) = (false, false);
+        for (name, value) in &parts.headers {
+            if name == http::header::CONNECTION {
+                close |= connection_tokens(value.as_bytes()).is_some_and(|c| c.close);
+                continue;
+            }
+            length |= name == http::header::CONTENT_LENGTH;
+            dated |= name == http::header::DATE;
+            header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        let bodiless = head_request || status < 200 || status == 204 || status == 304;
+        let mut chunked = false;
+        if !bodiless && !length {
+            match hyper::body::Body::size_hint(&body).exact() {
+                Some(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+                None => {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    chunked = true;
+                }
+            }
+        }
+        if !dated {
+            date_line(out);
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !bodiless {
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        if data.is_empty() {
+                            continue;
+                        }
+                        if chunked {
+                            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                            out.extend_from_slice(&data);
+                            out.extend_from_slice(b"\r\n");
+                        } else {
+                            out.extend_from_slice(&data);
+                        }
+                    }
+                    Some(Err(_)) => return Step::Close,
+                    None => {
+                        if chunked {
+                            out.extend_from_slice(b"0\r\n\r\n");
+                        }
+                        break;
+                    }
+                }
+                if self.stream.write_all(out).await.is_err() {
+                    return Step::Close;
+                }
+                out.clear();
+            }
+        }
+        if !out.is_empty() && self.stream.write_all(out).await.is_err() {
+            return Step::Close;
+        }
+        out.clear();
+        // The request ends (its guard, its replica connection back to the pool) before
+        // the next is read.
+        drop(body);
+        if close {
+            let _ = self.stream.shutdown().await;
+            return Step::Close;
+        }
+        Step::Next
     }
 
     /// Answers the request with the activator's own error, and counts it.
@@ -617,6 +773,35 @@ enum Relayed {
     Complete { reusable: bool },
     /// Either side broke off; the client connection must close.
     Broken,
+}
+
+/// Runs `fut` while the client stays connected: `None` when it closes or breaks its
+/// connection first. Bytes it sends meanwhile (a pipelined request) are kept in `inbuf`,
+/// up to `limit` of them; past that the socket is left alone until `fut` is done.
+async fn while_connected<F: Future>(
+    stream: &mut TcpStream,
+    inbuf: &mut Vec<u8>,
+    limit: usize,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        while inbuf.len() < limit {
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+            let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
+            match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut *stream), cx, &mut read) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(None),
+                Poll::Ready(Ok(())) => inbuf.extend_from_slice(read.filled()),
+                Poll::Ready(Err(_)) => return Poll::Ready(None),
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Reads a response head into `buf` (which starts empty), skipping 1xx responses, and

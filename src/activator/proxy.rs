@@ -75,10 +75,10 @@ impl ConnInfo {
 }
 
 /// Serves one request: routes it, proxies it, and maps any failure to its answer.
-pub(crate) async fn handle(
+pub(crate) async fn handle<B: RequestBody>(
     act: &Arc<Activator>,
     client: &ClientConn,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Response<ProxyBody> {
     let head = RequestHead::of(req.headers());
     let Some(host) = request_host(head.host.as_ref(), req.uri()) else {
@@ -128,14 +128,14 @@ fn request_host<'a>(host: Option<&'a HeaderValue>, uri: &'a Uri) -> Option<Cow<'
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn forward(
+async fn forward<B: RequestBody>(
     act: &Arc<Activator>,
     fs: &Arc<FunctionState>,
     conf: &Conf,
     traffic: &Traffic,
     mut guard: RequestGuard,
     client: &ClientConn,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     head: RequestHead,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if let Some(reason) = &conf.invalid {
@@ -182,7 +182,7 @@ async fn forward(
     *req.version_mut() = Version::HTTP_11;
     // Origin-form on the wire, whatever form the client used.
     *req.uri_mut() = Uri::from(path);
-    let mut up = req.map(|body| UpstreamBody::new(body, limit));
+    let mut up = req.map(|body| body.into_upstream(limit));
 
     let deadline = guard.start + conf.activation;
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -412,7 +412,7 @@ fn replayable(req: &Request<UpstreamBody>) -> bool {
 
 /// A copy of a request whose body is empty (see [`replayable`]).
 fn copy_request(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
-    let mut copy = Request::new(UpstreamBody(None));
+    let mut copy = Request::new(UpstreamBody::Empty);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
@@ -810,20 +810,43 @@ impl Body for LimitedBody {
     }
 }
 
-/// The request body as sent to a replica (nothing to send for an empty one).
-pub(crate) struct UpstreamBody(Option<LimitedBody>);
+/// A client's request body as the proxy takes it: streamed from hyper, or already read
+/// whole (the fast lane's requests, see `lane`).
+pub(crate) trait RequestBody: Send + 'static {
+    fn into_upstream(self, limit: u64) -> UpstreamBody;
+}
 
-impl UpstreamBody {
-    fn new(body: Incoming, limit: u64) -> Self {
-        if body.is_end_stream() {
-            Self(None)
+impl RequestBody for Incoming {
+    fn into_upstream(self, limit: u64) -> UpstreamBody {
+        if self.is_end_stream() {
+            UpstreamBody::Empty
         } else {
-            Self(Some(LimitedBody {
-                inner: body,
+            UpstreamBody::Streamed(LimitedBody {
+                inner: self,
                 remaining: limit,
-            }))
+            })
         }
     }
+}
+
+/// A body read whole, within the limit already.
+impl RequestBody for Bytes {
+    fn into_upstream(self, _limit: u64) -> UpstreamBody {
+        if self.is_empty() {
+            UpstreamBody::Empty
+        } else {
+            UpstreamBody::Whole(Some(self))
+        }
+    }
+}
+
+/// The request body as sent to a replica.
+pub(crate) enum UpstreamBody {
+    /// Nothing to send.
+    Empty,
+    Streamed(LimitedBody),
+    /// Sent in one frame.
+    Whole(Option<Bytes>),
 }
 
 impl Body for UpstreamBody {
@@ -834,20 +857,29 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.0 {
-            None => Poll::Ready(None),
-            Some(b) => Pin::new(b).poll_frame(cx),
+        match &mut *self {
+            UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Whole(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+        match self {
+            UpstreamBody::Empty => true,
+            UpstreamBody::Streamed(b) => b.is_end_stream(),
+            UpstreamBody::Whole(b) => b.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Streamed(b) => b.size_hint(),
+            UpstreamBody::Whole(b) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }
 

@@ -33,6 +33,8 @@ pub(crate) struct Metrics {
     /// Client connections the fast lane handed to hyper, by the reason (no Function
     /// label: a handful of series in all).
     pub(crate) lane_handoffs: IntCounterVec,
+    /// Requests the fast lane had the full proxy serve on its connection, by reason.
+    pub(crate) lane_full_path: IntCounterVec,
 }
 
 impl Metrics {
@@ -98,16 +100,25 @@ impl Metrics {
         let lane_handoffs = IntCounterVec::new(
             Opts::new(
                 "zeroscale_activator_lane_handoffs_total",
-                "Client connections the HTTP/1.1 fast lane handed to the full proxy, by \
+                "Client connections the HTTP/1.1 fast lane handed to hyper's server, by \
                  the first request it did not take: protocol (not an HTTP/1.1 head in \
                  origin form), headers (hop-by-hop, Expect, Transfer-Encoding, \
                  X-Zeroscale-*), body (longer than the lane buffers), host (unknown or \
-                 missing), function (invalid), replica (none ready with room: at zero, \
-                 waking, at its cap), connect (a new connection to the replica failed).",
+                 missing), function (invalid).",
             ),
             &["reason"],
         )?;
         registry.register(Box::new(lane_handoffs.clone()))?;
+        let lane_full_path = IntCounterVec::new(
+            Opts::new(
+                "zeroscale_activator_lane_full_path_requests_total",
+                "Requests the HTTP/1.1 fast lane had the full proxy serve without leaving \
+                 its connection: replica (none ready with room: at zero, waking, at its \
+                 cap, or others queued) or connect (a new connection to the replica failed).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(lane_full_path.clone()))?;
         registry.register(Box::new(early_routes.clone()))?;
         registry.register(Box::new(early_requests.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -124,6 +135,7 @@ impl Metrics {
             early_routes,
             early_requests,
             lane_handoffs,
+            lane_full_path,
         })
     }
 
