@@ -78,16 +78,25 @@ pub(crate) enum Ended {
     Handoff { stream: TcpStream, read: Vec<u8> },
 }
 
-/// Why the lane handed a connection over (the `reason` label of
-/// `zeroscale_activator_lane_handoffs_total`).
+/// Why a request left the lane's own path: the `reason` label of
+/// `zeroscale_activator_lane_handoffs_total` (the connection went to hyper) or of
+/// `zeroscale_activator_lane_full_path_requests_total` (the full proxy served the
+/// request on the lane's connection: `Replica`, `Connect`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Reason {
+    /// Not an HTTP/1.1 head in origin form, or malformed.
     Protocol,
+    /// Hop-by-hop, `Expect`, `Transfer-Encoding` or `X-Zeroscale-*` headers.
     Headers,
+    /// A body longer than the lane reads whole, or a bad length.
     Body,
+    /// No Host, or none the activator routes.
     Host,
+    /// The Function is invalid.
     Function,
+    /// No replica ready with room: at zero, waking, at its cap, or requests queued.
     Replica,
+    /// A new connection to the replica failed.
     Connect,
 }
 
