@@ -546,9 +546,6 @@ impl<'a> Lane<'a> {
             return Step::Handoff(Reason::Protocol);
         };
         self.inbuf.drain(..plan.len);
-        let close = plan.close
-            || self.client.is_shutting_down()
-            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed);
         let active = self.client.request_started(http::Version::HTTP_11);
         let handled = proxy::handle(self.act, active.client(), req);
         let limit = self.act.settings.max_header_bytes;
@@ -557,6 +554,10 @@ impl<'a> Lane<'a> {
         else {
             return Step::Close;
         };
+        // Looked at now: a wake can take long enough for a drain to begin meanwhile.
+        let close = plan.close
+            || self.client.is_shutting_down()
+            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed);
         let step = self.write_response(resp, plan.head, close).await;
         drop(active);
         step
