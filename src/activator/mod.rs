@@ -2,19 +2,20 @@
 //! routes by Host, holds requests while a Function wakes from zero, balances across
 //! replicas and streams the exchange, following the platform's watches (never polling).
 //!
-//! Layers, each in its module: `lane` (the HTTP/1.1 fast lane that proxies the common
-//! exchange as bytes, handing everything else to hyper), `routing` (Host -> Function, replicas), `gate` (queue
-//! and wake), `early` (cold starts served by replicas probed before the platform lists
-//! them), `balancer` (P2C least in flight, per-replica caps), `pool` (keep-alive
-//! connections per replica), `proxy` (headers, bodies, upgrades, retries), `stats`
-//! (autoscaler counters, Prometheus) and `error` (the one mapping from typed failures
-//! to HTTP answers); `client` is a client connection's state and timer, `workers` the
-//! data plane's thread per core.
+//! Layers, each in its module: `lane` (the HTTP/1.1 fast lane: the common exchange
+//! proxied as bytes, the rest through `proxy` or hyper's server), `routing` (Host ->
+//! Function, replicas), `gate` (queue and wake), `early` (cold starts served by
+//! replicas probed before the platform lists them), `balancer` (P2C least in flight,
+//! per-replica caps), `pool` (keep-alive connections per replica), `proxy` (headers,
+//! bodies, upgrades, retries), `stats` (autoscaler counters, Prometheus) and `error`
+//! (the one mapping from typed failures to HTTP answers); `client` is a client
+//! connection's state and timer, `workers` the data plane's thread per core.
 //!
-//! Answers hyper gives itself, before a request reaches the proxy: 400 for a malformed
-//! request and 431 for a head larger than `max_header_bytes` (HTTP/1.1); a client that
-//! does not finish its head within `header_read_timeout` is disconnected (that timeout
-//! also closes client keep-alive connections idle that long). `timeouts.request` bounds
+//! Answers hyper gives itself (the lane hands it such requests), before a request
+//! reaches the proxy: 400 for a malformed request and 431 for a head larger than
+//! `max_header_bytes` (HTTP/1.1); a client that does not finish its head within
+//! `header_read_timeout` is disconnected (that timeout also closes client keep-alive
+//! connections idle that long, in the lane too). `timeouts.request` bounds
 //! the wait for a replica's response head; a streamed body may then take longer. Both
 //! run on one timer per client connection (`client`), not on a timer per request.
 
@@ -143,7 +144,7 @@ pub struct Config {
     /// Proxy the common HTTP/1.1 exchange (a head in origin form, no body or a short
     /// one with a length, for a Function with a replica ready) as bytes, without
     /// hyper's machinery on either side; everything else, and everything with `false`,
-    /// goes through hyper (see BENCHMARKS.md for what it saves).
+    /// goes the full way (see BENCHMARKS.md for what it saves).
     #[arg(
         long,
         env = "ZEROSCALE_FAST_LANE",
