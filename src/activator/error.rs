@@ -64,6 +64,17 @@ impl ProxyError {
         }
     }
 
+    /// Says why a request of `function` gets this answer: a warning when no replica
+    /// could serve it (502), a debug event otherwise (the expected answers: unknown
+    /// hosts, full queues, timeouts).
+    pub(crate) fn log(&self, function: &FunctionKey) {
+        if self.status() == StatusCode::BAD_GATEWAY {
+            tracing::warn!(%function, error = %self, "no replica could serve the request");
+        } else {
+            tracing::debug!(%function, error = %self, "request answered by the activator");
+        }
+    }
+
     /// The answer the client gets.
     pub(crate) fn into_response(self) -> Response<ProxyBody> {
         let status = self.status();

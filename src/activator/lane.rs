@@ -48,7 +48,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::Activator;
 use super::balancer;
@@ -283,9 +283,7 @@ impl<'a> Lane<'a> {
         // The request is in `out`; the client's bytes of it are used.
         self.inbuf.drain(..plan.len);
 
-        let closing = plan.close
-            || self.client.is_shutting_down()
-            || act.closing.load(std::sync::atomic::Ordering::Relaxed);
+        let closing = self.closing(&plan);
         let mut stale = 0;
         let resp = loop {
             let sent = up.stream.write_all(&self.out).await;
@@ -374,6 +372,14 @@ impl<'a> Lane<'a> {
         }
     }
 
+    /// The connection ends after this request's answer: the client asked, the activator
+    /// drains, or its routing dropped it (`lameduck`).
+    fn closing(&self, plan: &Plan) -> bool {
+        plan.close
+            || self.client.is_shutting_down()
+            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Reads more of the client's bytes: `false` at its end. While no request is in
     /// progress, a drain ends the connection instead.
     async fn read_client(&mut self) -> io::Result<bool> {
@@ -417,8 +423,11 @@ impl<'a> Lane<'a> {
         let mut length: Option<u64> = None;
         let mut close = false;
         let mut forwarded = false;
-        for h in req.headers.iter() {
-            match classify(h.name) {
+        // Each name is classified once; the copy below reads the kinds back.
+        let mut kinds = [Kind::Other; MAX_HEADERS];
+        for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
+            *kind = classify(h.name);
+            match *kind {
                 Kind::Host => {
                     if host.is_some() {
                         return Parsed::NotOurs(Reason::Headers);
@@ -441,7 +450,7 @@ impl<'a> Lane<'a> {
                 Kind::Forwarded => forwarded = true,
                 // Bodies without a length, upgrades, 100-continue, our own headers:
                 // hyper's path knows them.
-                Kind::NotOurs | Kind::HopByHop | Kind::ColdStart => {
+                Kind::NotOurs | Kind::TransferEncoding | Kind::HopByHop | Kind::ColdStart => {
                     return Parsed::NotOurs(Reason::Headers);
                 }
                 Kind::Date | Kind::Other => {}
@@ -479,8 +488,8 @@ impl<'a> Lane<'a> {
         let trusted = forwarded && info.trusted();
         let mut prior_xff: Vec<&[u8]> = Vec::new();
         let (mut proto_seen, mut host_seen, mut length_sent) = (false, false, false);
-        for h in req.headers.iter() {
-            match classify(h.name) {
+        for (h, kind) in req.headers.iter().zip(kinds) {
+            match kind {
                 Kind::Connection => continue,
                 // Repeats of the same length (any other was refused above) go once.
                 Kind::ContentLength if length_sent => continue,
@@ -555,9 +564,7 @@ impl<'a> Lane<'a> {
             return Step::Close;
         };
         // Looked at now: a wake can take long enough for a drain to begin meanwhile.
-        let close = plan.close
-            || self.client.is_shutting_down()
-            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed);
+        let close = self.closing(plan);
         let step = self.write_response(resp, plan.head, close).await;
         drop(active);
         step
@@ -642,9 +649,7 @@ impl<'a> Lane<'a> {
                             continue;
                         }
                         if chunked {
-                            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                            out.extend_from_slice(&data);
-                            out.extend_from_slice(b"\r\n");
+                            chunk(out, &data);
                         } else {
                             out.extend_from_slice(&data);
                         }
@@ -686,11 +691,7 @@ impl<'a> Lane<'a> {
         active: super::client::Active,
     ) -> Step {
         let status = e.status();
-        if status == http::StatusCode::BAD_GATEWAY {
-            warn!(function = %plan.fs.key, error = %e, "the replica failed the request");
-        } else {
-            debug!(function = %plan.fs.key, error = %e, "request answered by the activator");
-        }
+        e.log(&plan.fs.key);
         if let Some(t) = plan.fs.traffic_if_any() {
             t.metrics.count_response(&plan.fs.key, status.as_u16());
         }
@@ -699,9 +700,7 @@ impl<'a> Lane<'a> {
         // The head and body `ProxyError::into_response` gives the full path, written out.
         let body = format!("{e}\n");
         let resp = e.into_response();
-        let mut close = plan.close
-            || self.client.is_shutting_down()
-            || self.act.closing.load(std::sync::atomic::Ordering::Relaxed);
+        let mut close = self.closing(plan);
         let out = &mut self.out;
         out.clear();
         status_line(
@@ -892,8 +891,10 @@ fn parse_response_head(
     let mut encoded = false;
     let mut up_close = !http11;
     let mut listed = false;
-    for h in resp.headers.iter() {
-        match classify(h.name) {
+    let mut kinds = [Kind::Other; MAX_HEADERS];
+    for (h, kind) in resp.headers.iter().zip(kinds.iter_mut()) {
+        *kind = classify(h.name);
+        match *kind {
             Kind::ContentLength => {
                 let n = parse_length(h.value).ok_or_else(|| invalid("bad content-length"))?;
                 if length.is_some_and(|l| l != n) {
@@ -901,7 +902,7 @@ fn parse_response_head(
                 }
                 length = Some(n);
             }
-            Kind::NotOurs if h.name.eq_ignore_ascii_case("transfer-encoding") => {
+            Kind::TransferEncoding => {
                 encoded = true;
                 chunked = last_token_is(h.value, b"chunked");
             }
@@ -946,8 +947,9 @@ fn parse_response_head(
     let names: Vec<&[u8]> = if listed {
         resp.headers
             .iter()
-            .filter(|h| classify(h.name) == Kind::Connection)
-            .flat_map(|h| h.value.split(|b| *b == b','))
+            .zip(kinds)
+            .filter(|(_, kind)| *kind == Kind::Connection)
+            .flat_map(|(h, _)| h.value.split(|b| *b == b','))
             .map(<[u8]>::trim_ascii)
             .filter(|t| !t.is_empty())
             .collect()
@@ -956,10 +958,11 @@ fn parse_response_head(
     };
     let unlength = matches!(framing, Framing::Chunked | Framing::Close);
     let mut dated = false;
-    for h in resp.headers.iter() {
-        match classify(h.name) {
-            Kind::Connection | Kind::HopByHop | Kind::ColdStart => continue,
-            Kind::NotOurs if h.name.eq_ignore_ascii_case("transfer-encoding") => continue,
+    for (h, kind) in resp.headers.iter().zip(kinds) {
+        match kind {
+            Kind::Connection | Kind::HopByHop | Kind::ColdStart | Kind::TransferEncoding => {
+                continue;
+            }
             Kind::ContentLength if unlength => continue,
             Kind::Date => dated = true,
             _ => {}
@@ -1039,9 +1042,7 @@ impl Body {
             }
             Framing::Close => {
                 if !input.is_empty() {
-                    out.extend_from_slice(format!("{:x}\r\n", input.len()).as_bytes());
-                    out.extend_from_slice(input);
-                    out.extend_from_slice(b"\r\n");
+                    chunk(out, input);
                 }
                 Ok(input.len())
             }
@@ -1179,7 +1180,8 @@ enum Kind {
     Date,
     /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`.
     HopByHop,
-    /// `Transfer-Encoding`, `Expect`, `X-Zeroscale-*` but the cold-start header.
+    TransferEncoding,
+    /// `Expect`, `X-Zeroscale-*` but the cold-start header.
     NotOurs,
     ColdStart,
     /// `X-Forwarded-*`.
@@ -1199,7 +1201,7 @@ fn classify(name: &str) -> Kind {
         2 if is("te") => Kind::HopByHop,
         7 if is("trailer") => Kind::HopByHop,
         7 if is("upgrade") => Kind::HopByHop,
-        17 if is("transfer-encoding") => Kind::NotOurs,
+        17 if is("transfer-encoding") => Kind::TransferEncoding,
         6 if is("expect") => Kind::NotOurs,
         _ => {
             let b = name.as_bytes();
@@ -1278,6 +1280,13 @@ fn parse_length(value: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// `data` as one chunk of a chunked body.
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -1454,7 +1463,8 @@ mod tests {
     fn request_header_names_are_classified_without_regard_to_case() {
         assert_eq!(classify("HOST"), Kind::Host);
         assert_eq!(classify("Content-Length"), Kind::ContentLength);
-        assert_eq!(classify("transfer-ENCODING"), Kind::NotOurs);
+        assert_eq!(classify("transfer-ENCODING"), Kind::TransferEncoding);
+        assert_eq!(classify("Expect"), Kind::NotOurs);
         assert_eq!(classify("X-Forwarded-Proto"), Kind::Forwarded);
         assert_eq!(classify("x-zeroscale-cold-start"), Kind::ColdStart);
         assert_eq!(classify("X-Zeroscale-Anything"), Kind::NotOurs);

@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::Activator;
 use super::balancer::Lease;
@@ -104,11 +104,7 @@ pub(crate) async fn handle<B: RequestBody>(
     let resp = match forward(act, &fs, &conf, traffic, guard, client, req, head).await {
         Ok(resp) => resp,
         Err(e) => {
-            if e.status() == StatusCode::BAD_GATEWAY {
-                warn!(function = %fs.key, error = %e, "no replica could take the request");
-            } else {
-                debug!(function = %fs.key, error = %e, "request answered by the activator");
-            }
+            e.log(&fs.key);
             e.into_response()
         }
     };
